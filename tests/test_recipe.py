@@ -1,0 +1,607 @@
+"""Recipe loader tests: defaults, extends, and one located error per kind of bad recipe."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Callable
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+
+from vmbuild.errors import RecipeError
+from vmbuild.recipe import (
+    SETTINGS,
+    Application,
+    Guest,
+    Job,
+    Output,
+    format_size,
+    load_recipe,
+    parse_duration,
+    parse_size,
+    recipe_schema,
+    recipe_to_dict,
+    recipes_dir,
+    settings_doc,
+)
+
+MINIMAL = """\
+version: 1
+name: hi
+job:
+  command: echo hello from the guest
+"""
+
+Write = Callable[..., Path]
+
+
+@pytest.fixture
+def write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Write:
+    """Write a recipe (and any extra files) under tmp_path, which becomes the cwd, so errors
+    name files exactly as a user who typed `vmbuild check recipe.yaml` would see them."""
+    monkeypatch.chdir(tmp_path)
+
+    def _write(text: str, name: str = "recipe.yaml", **files: str) -> Path:
+        for rel, content in files.items():
+            p = tmp_path / rel
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_text(content)
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+        return Path(name)
+
+    return _write
+
+
+def error_of(path: Path | str) -> str:
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path)
+    text = str(info.value)
+    assert "\n" not in text, text
+    return text
+
+
+# --- valid recipes ------------------------------------------------------------------------
+
+
+def test_minimal_recipe_and_defaults(write: Write) -> None:
+    recipe = load_recipe(write(MINIMAL))
+    assert recipe.name == "hi"
+    assert recipe.version == 1
+    assert recipe.path == Path.cwd() / "recipe.yaml"
+    assert recipe.path.is_absolute()
+    assert recipe.job.command == ("/bin/sh", "-c", "echo hello from the guest")
+    assert recipe.job == Job(command=recipe.job.command)
+    g = recipe.guest
+    assert (g.release, g.arch, g.mirror, g.packages) == ("bookworm", "amd64", None, ())
+    assert (g.disk, g.memory, g.cpus, g.firmware) == (4 * 1024**3, 512 * 1024**2, 1, "bios")
+    assert (g.hostname, g.timezone, g.ssh) == ("hi", "UTC", False)
+    assert recipe.application == Application()
+    assert recipe.output == Output()
+    assert recipe.output.guest_os == "debian12-64"
+    assert recipe.sources == (recipe.path,)
+
+
+def test_table_defaults_match_dataclass_defaults() -> None:
+    """The table and the agreed dataclasses must not drift apart."""
+    from vmbuild.recipe import _from_python, _Loc  # the table's own default parsing
+
+    loc = _Loc("t", 1, Path("/"))
+    for section, cls in (("guest", Guest), ("job", Job), ("output", Output)):
+        by_name = {f.name: f for f in fields(cls)}
+        for s in SETTINGS:
+            if s.section != section or s.default is None:
+                continue
+            value = s.type.parse(_from_python(s.default, loc), s.path)
+            f = by_name[s.key]
+            expected = f.default_factory() if callable(f.default_factory) else f.default
+            assert value == expected, s.path
+
+
+FULL = """\
+version: 1
+name: hello
+guest:
+  release: bullseye
+  arch: amd64
+  mirror: http://mirror.example/debian
+  packages: [python3, python3-yaml, libstdc++6]
+  disk: 8GiB
+  memory: 1G
+  cpus: 2
+  firmware: efi
+  hostname: hello-vm
+  timezone: Europe/Berlin
+  ssh: true
+application:
+  files:
+    - src: app/
+      dest: /opt/hello/
+      mode: "0755"
+      owner: root
+    - src: app/main.py
+      dest: /opt/hello/main.py
+      mode: "644"
+      owner: app:staff
+  run:
+    - python3 -m compileall /opt/hello
+  playbook: provision.yml
+job:
+  command: ["/usr/bin/python3", "/opt/hello/main.py"]
+  workdir: /opt/hello
+  user: app
+  environment: {GREETING: hello, PORT: 8080, MODE: 0755, RATIO: 1.50}
+  timeout: 1h30m
+  network: true
+  outputs: /var/lib/job/output
+output:
+  hardware_version: 21
+  guest_os: debian11-64
+  disk_controller: nvme
+  nic: e1000e
+  vmdk: streamOptimized
+  formats: [vmx]
+"""
+
+
+def test_full_recipe(write: Write, tmp_path: Path) -> None:
+    path = write(FULL, **{"app/main.py": "print('hi')\n", "provision.yml": "- hosts: all\n"})
+    r = load_recipe(path)
+    assert r.guest == Guest(
+        release="bullseye", arch="amd64", mirror="http://mirror.example/debian",
+        packages=("python3", "python3-yaml", "libstdc++6"), disk=8 * 1024**3,
+        memory=1024**3, cpus=2, firmware="efi", hostname="hello-vm",
+        timezone="Europe/Berlin", ssh=True,
+    )
+    first, second = r.application.files
+    assert (first.src, first.src_path, first.contents) == ("app/", tmp_path / "app", True)
+    assert (first.dest, first.mode, first.owner) == ("/opt/hello/", "0755", "root")
+    assert (second.contents, second.mode, second.owner) == (False, "0644", "app:staff")
+    assert second.src_path == tmp_path / "app" / "main.py"
+    assert r.application.run == ("python3 -m compileall /opt/hello",)
+    assert r.application.playbook == tmp_path / "provision.yml"
+    assert r.job.command == ("/usr/bin/python3", "/opt/hello/main.py")
+    assert (r.job.workdir, r.job.user, r.job.network) == ("/opt/hello", "app", True)
+    # numbers are taken as written, not as YAML 1.1 re-reads them (0755 would be 493)
+    assert dict(r.job.environment) == {
+        "GREETING": "hello", "PORT": "8080", "MODE": "0755", "RATIO": "1.50"}
+    assert r.job.timeout == 5400.0
+    assert r.job.outputs == "/var/lib/job/output"
+    assert r.output == Output(hardware_version=21, guest_os="debian11-64",
+                              disk_controller="nvme", nic="e1000e", vmdk="streamOptimized")
+
+    d = recipe_to_dict(r)
+    json.dumps(d)
+    assert d["application"]["files"][0]["src"] == "app/"
+    assert d["application"]["files"][1]["src"] == "app/main.py"
+    assert d["application"]["playbook"] == "provision.yml"
+    assert d["guest"]["disk"] == 8 * 1024**3
+    assert d["job"]["environment"] == {
+        "GREETING": "hello", "MODE": "0755", "PORT": "8080", "RATIO": "1.50"}
+    assert list(d) == ["version", "name", "guest", "application", "job", "output"]
+
+
+def test_recipe_to_dict_is_location_independent(tmp_path: Path) -> None:
+    dicts = []
+    for where in ("a", "b/c"):
+        d = tmp_path / where
+        (d / "app").mkdir(parents=True)
+        (d / "app" / "x").write_text("x")
+        (d / "r.yaml").write_text(MINIMAL + "application:\n  files: [{src: app/, dest: /x}]\n")
+        dicts.append(json.dumps(recipe_to_dict(load_recipe(d / "r.yaml")), sort_keys=True))
+    assert dicts[0] == dicts[1]
+
+
+def test_guest_os_follows_release(write: Write) -> None:
+    for release, guest_os in (("buster", "debian10-64"), ("trixie", "debian12-64"),
+                              ("sid", "other5xlinux-64")):
+        r = load_recipe(write(MINIMAL + f"guest: {{release: {release}}}\n"))
+        assert r.output.guest_os == guest_os
+
+
+def test_verbatim_strings(write: Write) -> None:
+    """Quotes, $, %, ; and newlines pass through untouched: another module escapes them."""
+    tricky = "echo \"it's\" $HOME 100% ; rm -f 'x' \\n done\nsecond line"
+    text = (
+        "version: 1\nname: v\njob:\n  command:\n    - /bin/echo\n"
+        f"    - {json.dumps(tricky)}\n"
+        f"  environment:\n    MSG: {json.dumps(tricky)}\n"
+        f"application:\n  run:\n    - {json.dumps(tricky)}\n"
+        "    - |\n      for f in *; do echo \"$f\" 50%; done\n      printf '%s\\n' \"${X}\"\n"
+    )
+    r = load_recipe(write(text))
+    assert r.job.command == ("/bin/echo", tricky)
+    assert r.job.environment["MSG"] == tricky
+    assert r.application.run == (
+        tricky, "for f in *; do echo \"$f\" 50%; done\nprintf '%s\\n' \"${X}\"\n")
+    r2 = load_recipe(write(MINIMAL.replace("echo hello from the guest", json.dumps(tricky))))
+    assert r2.job.command == ("/bin/sh", "-c", tricky)
+
+
+# --- extends ------------------------------------------------------------------------------
+
+
+def test_shipped_base_recipe_exists() -> None:
+    d = recipes_dir()
+    assert d is not None and (d / "debian-12-minimal.yaml").is_file()
+
+
+def test_extends_shipped_base(write: Write) -> None:
+    text = """\
+version: 1
+name: hello
+extends: debian-12-minimal
+guest:
+  memory: 1GiB
+  packages: [python3]
+job:
+  command: [/bin/true]
+"""
+    r = load_recipe(write(text))
+    assert r.guest.memory == 1024**3  # the extending recipe wins
+    assert r.guest.disk == 4 * 1024**3 and r.guest.release == "bookworm"  # from the base
+    assert r.guest.packages == ("python3",)
+    base = recipes_dir()
+    assert base is not None
+    assert r.sources == (r.path, base / "debian-12-minimal.yaml")
+
+
+def test_extends_maps_merge_lists_append(write: Write, tmp_path: Path) -> None:
+    base = """\
+version: 1
+guest:
+  packages: [curl, python3]
+  cpus: 2
+application:
+  files: [{src: data/, dest: /srv/data}]
+  run: [echo base]
+job:
+  command: [/bin/base]
+  environment: {A: base, B: base}
+  timeout: 30m
+"""
+    child = """\
+name: child
+extends: common/base.yaml
+guest:
+  packages: [jq, python3]
+application:
+  files: [{src: app.py, dest: /opt/app.py}]
+  run: [echo child]
+job:
+  command: [/bin/child, arg]
+  environment: {B: child, C: child}
+"""
+    path = write(child, **{"common/base.yaml": base, "common/data/x": "x", "app.py": "1"})
+    r = load_recipe(path)
+    assert r.version == 1  # from the base
+    assert r.guest.packages == ("curl", "python3", "jq")  # appended, base first, repeats dropped
+    assert r.guest.cpus == 2
+    assert r.application.run == ("echo base", "echo child")
+    # each src is resolved against the directory of the file that wrote it
+    assert [f.src_path for f in r.application.files] == [
+        tmp_path / "common" / "data", tmp_path / "app.py"]
+    assert r.job.command == ("/bin/child", "arg")  # argv is replaced, never appended
+    assert dict(r.job.environment) == {"A": "base", "B": "child", "C": "child"}
+    assert r.job.timeout == 1800.0
+    assert recipe_to_dict(r)["application"]["files"][0]["src"] == "common/data/"
+
+
+def test_extends_chain_and_error_in_base_names_base(write: Write) -> None:
+    write("version: 1\nguest:\n  cpus: 3\n", name="a.yaml")
+    write("extends: a.yaml\nguest:\n  memory: 1GiB\n", name="b.yaml")
+    r = load_recipe(write(MINIMAL + "extends: b.yaml\n"))
+    assert (r.guest.cpus, r.guest.memory) == (3, 1024**3)
+    write("version: 1\nguest:\n  cpus: 3\n  disk: lots\n", name="a.yaml")
+    assert error_of("recipe.yaml") == (
+        'a.yaml:4: guest.disk: "lots" is not a size (use 512MiB, 4GiB, 2G)')
+
+
+def test_extends_cycle(write: Write) -> None:
+    write("version: 1\nextends: recipe.yaml\n", name="b.yaml")
+    msg = error_of(write(MINIMAL + "extends: b.yaml\n"))
+    assert msg.startswith("b.yaml:2: extends: extends cycle:"), msg
+
+
+def test_extends_unknown_name(write: Write) -> None:
+    msg = error_of(write(MINIMAL + "extends: debian-99\n"))
+    assert msg.startswith('recipe.yaml:5: extends: "debian-99": no such base recipe'), msg
+    assert "debian-12-minimal" in msg
+
+
+def test_extends_escape_refused(write: Write) -> None:
+    msg = error_of(write(MINIMAL + "extends: ../other.yaml\n"))
+    assert msg.startswith('recipe.yaml:5: extends: "../other.yaml" leaves the recipe'), msg
+
+
+# --- bad recipes: one line, file:line, field ----------------------------------------------
+
+
+def test_unknown_key(write: Write) -> None:
+    assert error_of(write(MINIMAL + "guest:\n  memroy: 1G\n")) == (
+        "recipe.yaml:6: guest.memroy: unknown key (did you mean memory?)")
+    assert error_of(write(MINIMAL + "gust: {}\n")) == (
+        "recipe.yaml:5: gust: unknown key (did you mean guest?)")
+    msg = error_of(write(MINIMAL + "application:\n  files:\n    - {src: a, dset: /a}\n"))
+    assert msg == "recipe.yaml:7: application.files[0].dset: unknown key (did you mean dest?)"
+
+
+def test_wrong_type(write: Write) -> None:
+    assert error_of(write(MINIMAL + "guest:\n  release: [bookworm]\n")) == (
+        "recipe.yaml:6: guest.release: expected a string, got a list")
+    assert error_of(write(MINIMAL + "guest:\n  cpus: two\n")) == (
+        "recipe.yaml:6: guest.cpus: expected an integer, got a string")
+    assert error_of(write(MINIMAL.replace("job:\n", "job:\n  network: \"true\"\n"))) == (
+        "recipe.yaml:4: job.network: expected a boolean (true or false), got a string")
+    assert error_of(write(MINIMAL + "guest: [1]\n")) == (
+        "recipe.yaml:5: guest: expected a mapping, got a list")
+
+
+def test_bad_size(write: Write) -> None:
+    assert error_of(write(MINIMAL + "guest:\n  memory: 4 gigs\n")) == (
+        'recipe.yaml:6: guest.memory: "4 gigs" is not a size (use 512MiB, 4GiB, 2G)')
+    assert error_of(write(MINIMAL + "guest:\n  disk: 512MiB\n")) == (
+        'recipe.yaml:6: guest.disk: "512MiB" is below the minimum of 1GiB')
+
+
+def test_src_dotdot(write: Write, tmp_path: Path) -> None:
+    (tmp_path.parent / "x").mkdir(exist_ok=True)
+    msg = error_of(write(MINIMAL + "application:\n  files: [{src: ../x, dest: /x}]\n"))
+    assert msg.startswith('recipe.yaml:6: application.files[0].src: "../x" leaves the recipe'), msg
+
+
+def test_src_symlink_escape(write: Write, tmp_path: Path) -> None:
+    outside = tmp_path.parent / f"{tmp_path.name}-outside"
+    outside.mkdir()
+    (outside / "secret").write_text("s")
+    path = write(MINIMAL + "application:\n  files: [{src: link, dest: /x}]\n")
+    (tmp_path / "link").symlink_to(outside / "secret")
+    msg = error_of(path)
+    assert msg.startswith('recipe.yaml:6: application.files[0].src: "link" goes through a '
+                          "symlink to"), msg
+    # a symlink inside a copied directory is refused too
+    (tmp_path / "app").mkdir()
+    (tmp_path / "app" / "key").symlink_to(outside / "secret")
+    msg = error_of(write(MINIMAL + "application:\n  files: [{src: app/, dest: /x}]\n"))
+    assert msg.startswith('recipe.yaml:6: application.files[0].src: "app/" contains key, a '
+                          "symlink to"), msg
+
+
+def test_src_absolute_and_missing(write: Write) -> None:
+    msg = error_of(write(MINIMAL + "application:\n  files: [{src: /etc/passwd, dest: /x}]\n"))
+    assert msg.startswith('recipe.yaml:6: application.files[0].src: "/etc/passwd" is absolute'), msg
+    msg = error_of(write(MINIMAL + "application:\n  files: [{src: nope.txt, dest: /x}]\n"))
+    assert msg.startswith('recipe.yaml:6: application.files[0].src: "nope.txt" does not exist'), msg
+    msg = error_of(write(MINIMAL + "application:\n  files: [{src: f/, dest: /x}]\n", f="1"))
+    assert msg == 'recipe.yaml:6: application.files[0].src: "f/" is not a directory'
+
+
+def test_missing_required(write: Write) -> None:
+    assert error_of(write("version: 1\nname: hi\njob:\n  user: root\n")) == (
+        "recipe.yaml:4: job.command: required, but not given")
+    assert error_of(write("version: 1\nname: hi\n")) == (
+        "recipe.yaml:1: job: required, but not given")
+    assert error_of(write("version: 1\njob: {command: x}\n")) == (
+        "recipe.yaml:1: name: required, but not given")
+    assert error_of(write("name: hi\njob: {command: x}\n")) == (
+        "recipe.yaml:1: version: required, but not given")
+
+
+def test_yaml_syntax_error(write: Write) -> None:
+    msg = error_of(write("version: 1\nname: hi\njob:\n  command: [a, b\n"))
+    assert re.fullmatch(r"recipe\.yaml:\d+: YAML syntax error: .+", msg), msg
+    msg = error_of(write("version: 1\nname: hi\n  bad: indent\n"))
+    assert msg.startswith("recipe.yaml:3: YAML syntax error: "), msg
+    assert error_of(write("version: 1\nname: \"a\x01\"\n")) == (
+        "recipe.yaml:2: YAML syntax error: special characters are not allowed (character #x0001)")
+    assert error_of(write("version: 1\n---\nname: x\n")) == (
+        "recipe.yaml:2: YAML syntax error: expected a single document in the stream but found "
+        "another document")
+    assert error_of(write("version: 1\nname: [a\n")) == (
+        "recipe.yaml:2: YAML syntax error: expected ',' or ']', but got '<stream end>' "
+        "(while parsing a flow sequence on line 2)")
+
+
+def test_empty_and_not_a_mapping(write: Write) -> None:
+    assert error_of(write("")) == "recipe.yaml: the recipe is empty"
+    assert error_of(write("- a\n- b\n")).startswith("recipe.yaml:1: a recipe is a mapping")
+
+
+def test_duplicate_key(write: Write) -> None:
+    assert error_of(write(MINIMAL + "name: again\n")) == (
+        "recipe.yaml:5: name: duplicate key (first given on line 2)")
+
+
+def test_version_2(write: Write) -> None:
+    assert error_of(write(MINIMAL.replace("version: 1", "version: 2"))) == (
+        "recipe.yaml:1: version: version 2 is not supported: this vmbuild reads recipe "
+        "version 1 (see RECIPE.md)")
+    assert error_of(write(MINIMAL.replace("version: 1", 'version: "1"'))) == (
+        "recipe.yaml:1: version: expected the integer 1, got a string")
+
+
+def test_bad_duration_message_matches_recipe_md(write: Write) -> None:
+    text = MINIMAL + "\n" * 8 + "job:\n  timeout: 2 hours\n"
+    write(text.replace("job:\n  command: echo hello from the guest\n", "") +
+          "  command: x\n")
+    assert error_of("recipe.yaml") == (
+        'recipe.yaml:12: job.timeout: "2 hours" is not a duration (use 90s, 30m, 2h)')
+
+
+def test_mode_as_int(write: Write) -> None:
+    for written in ("755", "0755"):
+        msg = error_of(write(MINIMAL + f"application:\n  files: [{{src: f, dest: /f, "
+                                       f"mode: {written}}}]\n", f="1"))
+        assert msg == (
+            f'recipe.yaml:6: application.files[0].mode: {written} must be a quoted string such '
+            'as "0755": unquoted, YAML reads it as an integer')
+
+
+@pytest.mark.parametrize(("snippet", "expected"), [
+    ("guest:\n  arch: arm64\n",
+     'guest.arch: "arm64": only amd64 is supported in recipe version 1'),
+    ("guest:\n  firmware: uefi\n", 'guest.firmware: "uefi" is not one of bios, efi'),
+    ("guest:\n  mirror: ftp://x/debian\n", 'guest.mirror: "ftp://x/debian" is not an http'),
+    ("guest:\n  packages: [Python3]\n", 'guest.packages[0]: "Python3" is not a Debian'),
+    ("guest:\n  cpus: 65\n", "guest.cpus: 65 is out of range (1 to 64)"),
+    ("guest:\n  memory: 64MiB\n", 'guest.memory: "64MiB" is below the minimum of 128MiB'),
+    ("guest:\n  hostname: a_b\n", 'guest.hostname: "a_b" is not a valid host name'),
+    ("guest:\n  timezone: Europe/../x\n", 'guest.timezone: "Europe/../x" is not a time zone'),
+    ("output:\n  formats: [ova]\n", 'output.formats[0]: "ova": not supported yet'),
+    ("output:\n  hardware_version: 3\n", "output.hardware_version: 3 is out of range"),
+    ("output:\n  nic: e1000ee\n", 'output.nic: "e1000ee" is not one of vmxnet3, e1000e, e1000 '
+     "(did you mean e1000e?)"),
+    ("job:\n  workdir: opt\n", 'job.workdir: "opt" is not an absolute path'),
+    ("job:\n  user: Root\n", 'job.user: "Root" is not a valid user name'),
+    ("job:\n  environment: {1BAD: x}\n", 'job.environment.1BAD: "1BAD" is not a valid variable'),
+    ("job:\n  environment: {A: true}\n",
+     "job.environment.A: expected a string or a number, got a boolean"),
+    ("job:\n  timeout: 0s\n", 'job.timeout: "0s" must be a positive duration'),
+    ("job:\n  outputs: \"/a\\nb\"\n", "job.outputs: a path may not contain a newline"),
+    ("job:\n  user: \"ro\\0ot\"\n", "job.user: contains a NUL character"),
+    ("name2: x\n", "name2: unknown key (did you mean name?)"),
+])
+def test_more_bad_values(write: Write, snippet: str, expected: str) -> None:
+    text = MINIMAL.replace("job:\n  command: echo hello from the guest\n", "")
+    if snippet.startswith("job:"):
+        text += snippet + "  command: x\n"
+    else:
+        text += snippet + "job:\n  command: x\n"
+    msg = error_of(write(text))
+    assert re.match(r"recipe\.yaml:\d+: ", msg), msg
+    assert msg.split(": ", 1)[1].startswith(expected), msg
+
+
+def test_bad_name_and_command(write: Write) -> None:
+    assert error_of(write(MINIMAL.replace("name: hi", "name: Hi"))).startswith(
+        'recipe.yaml:2: name: "Hi" is not a valid name')
+    assert error_of(write("version: 1\nname: hi\njob:\n  command: [bin/x]\n")).startswith(
+        'recipe.yaml:4: job.command[0]: "bin/x": the program must be an absolute path')
+    assert error_of(write("version: 1\nname: hi\njob:\n  command: []\n")) == (
+        "recipe.yaml:4: job.command: is empty; give the program and its arguments")
+
+
+def test_error_names_file_as_given(write: Write, tmp_path: Path) -> None:
+    write(MINIMAL + "guest: {cpus: 0}\n", name="sub/dir/r.yaml")
+    assert error_of("sub/dir/r.yaml").startswith("sub/dir/r.yaml:5: guest.cpus:")
+    assert error_of(tmp_path / "sub/dir/r.yaml").startswith(f"{tmp_path}/sub/dir/r.yaml:5:")
+    assert error_of("missing.yaml") == "missing.yaml: missing.yaml: no such file"
+
+
+def test_playbook_rules(write: Write) -> None:
+    assert error_of(write(MINIMAL + "application: {playbook: ../p.yml}\n")).startswith(
+        'recipe.yaml:5: application.playbook: "../p.yml" leaves the recipe')
+    assert error_of(write(MINIMAL + "application: {playbook: d}\n", **{"d/x": ""})) == (
+        'recipe.yaml:5: application.playbook: "d" is not a file')
+
+
+def test_yaml_tricks_refused(write: Write) -> None:
+    msg = error_of(write(MINIMAL + "on: 1\n"))
+    assert msg == 'recipe.yaml:5: on: a key must be a string, got a boolean (quote it: "on")'
+    msg = error_of(write(MINIMAL + "guest: !!set {a, b}\n"))
+    assert "unsupported YAML tag" in msg
+    bomb = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n"
+        for p, c in zip("abcdef", "bcdefg", strict=True))
+    assert "too large" in error_of(write(bomb))
+    # anchors and merge keys work, and explicit keys beat merged ones
+    msg = error_of(write(MINIMAL + "guest: &g {cpus: 2}\napplication:\n  run: [*g]\n"))
+    assert msg == "recipe.yaml:5: application.run[0]: expected a string, got a mapping"
+    text = ("version: 1\nname: m\njob: &j {command: x, user: a}\n"
+            "guest:\n  <<: {cpus: 3, memory: 1GiB}\n  cpus: 4\n")
+    r = load_recipe(write(text))
+    assert (r.guest.cpus, r.guest.memory) == (4, 1024**3)
+
+
+def test_units() -> None:
+    assert parse_size("2G") == 2 * 1024**3
+    assert parse_size("1024M") == 1024**3
+    assert parse_size("10KiB") == 10240
+    assert parse_size("2GB") == 2 * 1000**3
+    assert parse_size("1.5GiB") == 1536 * 1024**2
+    assert parse_size("4096") == 4096
+    assert format_size(4 * 1024**3) == "4GiB" and format_size(1000) == "1000"
+    assert parse_duration("90s") == 90.0
+    assert parse_duration("1h30m") == 5400.0
+    assert parse_duration("1d") == 86400.0
+    assert parse_duration("45") == 45.0
+    for bad in ("2 hours", "h", "1x", "-1s"):
+        with pytest.raises(ValueError):
+            parse_duration(bad)
+
+
+def test_null_unsets_optional_and_empty_section(write: Write) -> None:
+    r = load_recipe(write(MINIMAL + "guest:\napplication:\n"))
+    assert r.guest == Guest(hostname="hi")
+    r = load_recipe(write(MINIMAL.replace("job:\n", "job:\n  timeout: null\n")))
+    assert r.job.timeout is None
+
+
+# --- schema and docs ----------------------------------------------------------------------
+
+
+def walk_objects(schema: object) -> list[dict[str, object]]:
+    found: list[dict[str, object]] = []
+    if isinstance(schema, dict):
+        if schema.get("type") == "object" and "properties" in schema:
+            found.append(schema)
+        for value in schema.values():
+            found += walk_objects(value)
+    elif isinstance(schema, list):
+        for value in schema:
+            found += walk_objects(value)
+    return found
+
+
+def test_schema() -> None:
+    schema = recipe_schema()
+    text = json.dumps(schema)
+    assert json.loads(text) == schema
+    assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
+    objects = walk_objects(schema)
+    assert len(objects) == 6  # top, guest, application, a files entry, job, output
+    assert all(o["additionalProperties"] is False for o in objects)
+    props = schema["properties"]
+    assert props["guest"]["properties"]["memory"]["default"] == "512MiB"
+    assert props["output"]["properties"]["disk_controller"]["enum"] == [
+        "pvscsi", "lsilogic", "sata", "nvme"]
+    assert props["job"]["required"] == ["command"]
+    files = props["application"]["properties"]["files"]["items"]
+    assert files["required"] == ["src", "dest"]
+    assert schema["then"]["required"] == ["version", "name", "job"]
+    assert all("description" in p for o in objects for p in o["properties"].values())  # type: ignore[attr-defined]
+
+
+def test_schema_patterns_match_python() -> None:
+    """The same regexes check values here and in editors: spot-check they agree."""
+    guest = recipe_schema()["properties"]["guest"]["properties"]
+    assert re.fullmatch(guest["disk"]["pattern"], "4GiB")
+    assert not re.fullmatch(guest["disk"]["pattern"], "4 gigs")
+    job = recipe_schema()["properties"]["job"]["properties"]
+    assert re.fullmatch(job["timeout"]["pattern"], "1h 30m")
+    assert not re.fullmatch(job["timeout"]["pattern"], "2 hours")
+
+
+def test_settings_doc() -> None:
+    doc = settings_doc()
+    assert doc.startswith("| key | type | default | description |")
+    for s in SETTINGS:
+        assert f"`{s.path}`" in doc
+    assert "`guest.ssh`" in doc and '`"4GiB"`' in doc
+
+
+def test_example_recipe_in_recipe_md_loads(tmp_path: Path) -> None:
+    """The full example in the format spec must load (with its files present)."""
+    spec = Path("/work/shared/RECIPE.md")
+    if not spec.is_file():
+        pytest.skip("RECIPE.md not available")
+    block = spec.read_text().split("```yaml\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "app").mkdir()
+    (tmp_path / "provision.yml").write_text("- hosts: all\n")
+    (tmp_path / "recipe.yaml").write_text(block)
+    r = load_recipe(tmp_path / "recipe.yaml")
+    assert r.name == "hello" and r.job.timeout == 7200.0
+    assert os.fspath(r.application.files[0].src_path) == os.fspath(tmp_path / "app")

@@ -1,0 +1,188 @@
+"""The `vmbuild` command: argument handling and presentation only; the work is in the library.
+
+`vmbuild RECIPE.yaml` is shorthand for `vmbuild build RECIPE.yaml`.
+Exit statuses: 0 success; 1 build failed; 2 bad input (recipe, options); 3 validation failed;
+130 interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from vmbuild import __version__
+from vmbuild.errors import VmbuildError
+from vmbuild.events import Event
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    rich_markup_mode=None,
+    pretty_exceptions_enable=False,
+    help="Build a validated VMware job image from a YAML recipe, and run it like a process.\n\n"
+         "`vmbuild RECIPE.yaml` is shorthand for `vmbuild build RECIPE.yaml`.",
+)
+
+_START = time.monotonic()
+
+
+class Presenter:
+    """Human progress lines on stderr, or JSON lines on stdout for pipelines (--json)."""
+
+    def __init__(self, json_mode: bool, verbose: bool = False) -> None:
+        self.json_mode = json_mode
+        self.verbose = verbose
+
+    def __call__(self, event: Event) -> None:
+        if self.json_mode:
+            print(json.dumps(event.to_json()), flush=True)
+            return
+        if event.kind == "step" and event.stage == "packer" and not self.verbose \
+                and not event.message.startswith(("==>", "Starting", "Waiting", "Connected",
+                                                  "Gracefully", "Provisioning")):
+            return
+        stamp = f"[{time.monotonic() - _START:5.0f}s]"
+        prefix = {"output": "  | ", "error": "ERROR ", "warning": "warning: "}.get(event.kind, "")
+        print(f"{stamp} {event.stage}: {prefix}{event.message}", file=sys.stderr, flush=True)
+        if event.kind == "error" and event.data.get("stderr"):
+            for line in str(event.data["stderr"]).splitlines()[-20:]:
+                print(f"{' ' * len(stamp)}   stderr: {line}", file=sys.stderr, flush=True)
+
+    def result(self, payload: dict[str, Any], text: str) -> None:
+        if self.json_mode:
+            print(json.dumps({"result": payload}), flush=True)
+        else:
+            print(text, flush=True)
+
+
+def _fail(exc: VmbuildError, presenter: Presenter | None = None) -> None:
+    if presenter is not None and presenter.json_mode:
+        print(json.dumps({"error": str(exc), "exit_code": exc.exit_code}), flush=True)
+    print(f"vmbuild: error: {exc}", file=sys.stderr, flush=True)
+    raise typer.Exit(exc.exit_code)
+
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON lines on stdout.")]
+
+
+@app.command()
+def build(
+    recipe: Annotated[Path, typer.Argument(help="The recipe file (YAML).")],
+    output: Annotated[Path | None, typer.Option(
+        "--output", "-o", help="Output directory for the image [default: ./out/NAME].")] = None,
+    no_validate: Annotated[bool, typer.Option(
+        "--no-validate", help="Skip the lint and the boot test.")] = False,
+    refresh_base: Annotated[bool, typer.Option(
+        "--refresh-base", help="Rebuild the cached base image even if one matches.")] = False,
+    boot_timeout: Annotated[float, typer.Option(
+        help="Seconds the validation boot may take before it fails.")] = 600.0,
+    keep_work: Annotated[bool, typer.Option(
+        help="Keep the temporary work directory (logs, playbook) for debugging.")] = False,
+    json_out: JsonOpt = False,
+    verbose: Annotated[bool, typer.Option(
+        "--verbose", "-v", help="Show every Packer line.")] = False,
+) -> None:
+    """Build the image a recipe describes: base (cached), Packer + Ansible, VMDK + VMX, validate."""
+    from vmbuild.build import BuildOptions, build_image
+    from vmbuild.recipe import load_recipe
+
+    presenter = Presenter(json_out, verbose)
+    try:
+        loaded = load_recipe(recipe)
+        out = output or Path("out") / loaded.name
+        options = BuildOptions(output_dir=out, validate=not no_validate,
+                               boot_timeout=boot_timeout, refresh_base=refresh_base,
+                               keep_work=keep_work)
+        signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+        result = build_image(loaded, options, presenter)
+    except VmbuildError as exc:
+        _fail(exc, presenter)
+    except KeyboardInterrupt:
+        print("vmbuild: interrupted; the build was stopped and nothing was published",
+              file=sys.stderr)
+        raise typer.Exit(130) from None
+    base = "reused the cached base image" if result.base_cached else "built a new base image"
+    checked = "validated by a boot test" if result.validated else "not validated"
+    sizes = result.manifest["sizes"]
+    payload = {"output_dir": str(result.output_dir), "vmx": str(result.vmx),
+               "vmdk": str(result.vmdk), "base_cached": result.base_cached,
+               "validated": result.validated, "seconds": round(result.seconds, 1),
+               "sizes": sizes, "timings": result.manifest.get("timings", {})}
+    presenter.result(payload, f"image: {result.vmx}\n"
+                              f"disk:  {result.vmdk} ({sizes['vmdk'] / 2**20:.0f} MiB)\n"
+                              f"{base}; {checked}; "
+                              f"{result.seconds:.0f}s")
+
+
+@app.command()
+def check(recipe: Annotated[Path, typer.Argument(help="The recipe file (YAML).")],
+          json_out: JsonOpt = False) -> None:
+    """Validate a recipe without building; print its effective settings with --json."""
+    from vmbuild.recipe import load_recipe, recipe_to_dict
+
+    try:
+        loaded = load_recipe(recipe)
+    except VmbuildError as exc:
+        _fail(exc)
+    if json_out:
+        print(json.dumps(recipe_to_dict(loaded), indent=2, sort_keys=True))
+    else:
+        print(f"{recipe}: ok ({loaded.name})")
+
+
+@app.command()
+def schema() -> None:
+    """Print the JSON Schema of the recipe format (for yaml-language-server and editors)."""
+    from vmbuild.recipe import recipe_schema
+
+    print(json.dumps(recipe_schema(), indent=2))
+
+
+@app.command()
+def validate(
+    vmx: Annotated[Path, typer.Argument(help="The image's .vmx file.")],
+    no_boot: Annotated[bool, typer.Option(
+        "--no-boot", help="Lint only; skip the boot test.")] = False,
+    boot_timeout: Annotated[float, typer.Option(help="Seconds the boot may take.")] = 600.0,
+    json_out: JsonOpt = False,
+) -> None:
+    """Lint a .vmx and its .vmdk, then boot it under QEMU and check the job ran and powered off."""
+    from vmbuild.validate import validate_image
+
+    presenter = Presenter(json_out)
+    try:
+        result = validate_image(vmx, presenter, boot_test=not no_boot, timeout=boot_timeout)
+    except VmbuildError as exc:
+        _fail(exc, presenter)
+    payload: dict[str, Any] = {"vmx": str(vmx), "ok": True}
+    if result is not None:
+        payload.update(status=result.status, seconds=round(result.seconds, 1))
+    presenter.result(payload, f"{vmx}: ok" + ("" if result is None else
+                                             f" (job exited {result.status}, powered off "
+                                             f"after {result.seconds:.0f}s)"))
+
+
+@app.command()
+def version() -> None:
+    """Print vmbuild's version."""
+    print(__version__)
+
+
+_COMMANDS = {"build", "check", "schema", "validate", "version"}
+
+
+def main() -> None:
+    argv = sys.argv[1:]
+    if argv and not argv[0].startswith("-") and argv[0] not in _COMMANDS:
+        argv = ["build", *argv]
+    app(args=argv, prog_name="vmbuild")
+
+
+if __name__ == "__main__":
+    main()

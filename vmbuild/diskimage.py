@@ -1,0 +1,209 @@
+"""Assemble a bootable, partitioned raw disk from a root directory, without loop devices.
+
+Loop devices and device-mapper are unreliable on build hosts (no udev, no kpartx, containers),
+and a build killed half-way must not leave kernel state behind. So everything here is plain file
+I/O: `sfdisk` writes the partition table into the file, `mkfs.ext4 -d` writes the filesystem
+straight from the directory at the partition's offset (which also leaves no deleted blocks behind
+to bloat the VMDK), and GRUB's BIOS stage is written by hand the way `grub-bios-setup` would,
+since that tool is not shipped in Debian's `grub-pc-bin` and wants a block device anyway.
+"""
+
+from __future__ import annotations
+
+import shutil
+import struct
+import subprocess
+import tempfile
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from vmbuild.errors import BuildError
+
+SECTOR = 512
+MIB = 1024 * 1024
+FIRST_PARTITION_OFFSET = MIB  # 2048 sectors: room for GRUB's core.img in the MBR gap
+ESP_SIZE = 64 * MIB
+GRUB_PC_DIR = Path("/usr/lib/grub/i386-pc")
+GRUB_EFI_DIR = Path("/usr/lib/grub/x86_64-efi")
+
+# Modules built into GRUB's core image: enough to find the root filesystem by UUID and load
+# the rest (`normal`, `linux`, ...) from /boot/grub/<platform>/ inside it.
+_CORE_MODULES = ["part_msdos", "part_gpt", "ext2", "search", "search_fs_uuid", "normal",
+                 "configfile", "linux", "echo", "test", "serial", "terminal"]
+_BIOS_MODULES = ["biosdisk", *_CORE_MODULES]
+_EFI_MODULES = ["fat", "efi_gop", "efi_uga", "all_video", *_CORE_MODULES]
+
+# Offsets in GRUB's boot.img (grub-core/boot/i386/pc/boot.S) and diskboot.img.
+_BOOT_KERNEL_SECTOR = 0x5C
+_BOOT_DRIVE = 0x64
+_BOOT_DRIVE_CHECK = 0x66
+_MBR_CODE_END = 0x1B8  # disk signature + partition table + 0x55AA follow; keep those
+_BLOCKLIST = SECTOR - 12  # last blocklist entry of diskboot.img: start(u64) len(u16) seg(u16)
+
+
+@dataclass(frozen=True)
+class DiskLayout:
+    """Where things are on the assembled disk; the UUIDs go into grub.cfg and fstab."""
+
+    size: int
+    firmware: str
+    root_offset: int
+    root_size: int
+    root_uuid: str
+    esp_offset: int | None = None
+    esp_size: int | None = None
+
+
+def plan_layout(size: int, firmware: str, root_uuid: str | None = None) -> DiskLayout:
+    """Decide the partition geometry before the root directory is finalised (fstab needs it)."""
+    if size < 256 * MIB:
+        raise BuildError(f"disk size {size} bytes is too small for a Debian guest")
+    size -= size % MIB
+    rid = root_uuid or str(uuid.uuid4())
+    if firmware == "efi":
+        esp_offset = FIRST_PARTITION_OFFSET
+        root_offset = esp_offset + ESP_SIZE
+        # GPT keeps a backup header in the last 33 sectors: stop the root partition 1 MiB short.
+        root_size = size - root_offset - MIB
+        return DiskLayout(size, firmware, root_offset, root_size, rid, esp_offset, ESP_SIZE)
+    root_size = size - FIRST_PARTITION_OFFSET
+    return DiskLayout(size, firmware, FIRST_PARTITION_OFFSET, root_size, rid)
+
+
+def _run(argv: list[str], what: str, stdin: str | None = None) -> None:
+    proc = subprocess.run(argv, input=stdin, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        detail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        raise BuildError(f"{what} failed ({argv[0]} exit {proc.returncode}): " + " / ".join(detail))
+
+
+def grub_cfg(layout: DiskLayout, cmdline: str) -> str:
+    """The boot menu: one entry, no timeout, kernel via Debian's /vmlinuz symlinks.
+
+    Using the symlinks rather than a versioned file name keeps the image bootable after a
+    kernel upgrade inside the guest, without running grub-mkconfig (which cannot see the
+    right root device at build time anyway).
+    """
+    return (
+        "set timeout=0\n"
+        "set default=0\n"
+        "serial --unit=0 --speed=115200\n"
+        "terminal_input serial console\n"
+        "terminal_output serial console\n"
+        "menuentry 'Debian GNU/Linux' {\n"
+        f"  search --no-floppy --fs-uuid --set=root {layout.root_uuid}\n"
+        f"  linux /vmlinuz root=UUID={layout.root_uuid} ro {cmdline}\n"
+        "  initrd /initrd.img\n"
+        "}\n"
+    )
+
+
+def _early_cfg(layout: DiskLayout) -> str:
+    return (
+        f"search --no-floppy --fs-uuid --set=root {layout.root_uuid}\n"
+        "set prefix=($root)/boot/grub\n"
+        "configfile $prefix/grub.cfg\n"
+    )
+
+
+def install_grub_files(root: Path, layout: DiskLayout, cmdline: str) -> None:
+    """Put grub.cfg and the platform modules into the root tree before the filesystem is made."""
+    grub_dir = root / "boot" / "grub"
+    grub_dir.mkdir(parents=True, exist_ok=True)
+    (grub_dir / "grub.cfg").write_text(grub_cfg(layout, cmdline))
+    src = GRUB_EFI_DIR if layout.firmware == "efi" else GRUB_PC_DIR
+    if not src.is_dir():
+        pkg = "grub-efi-amd64-bin" if layout.firmware == "efi" else "grub-pc-bin"
+        raise BuildError(f"{src} is missing: install the {pkg} package on the build host")
+    dest = grub_dir / src.name
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir()
+    for item in src.iterdir():
+        if item.suffix in (".mod", ".lst", ".img", ".o") and item.is_file():
+            shutil.copy2(item, dest / item.name)
+
+
+def _partition(disk: Path, layout: DiskLayout) -> None:
+    start = layout.root_offset // SECTOR
+    sectors = layout.root_size // SECTOR
+    if layout.firmware == "efi":
+        assert layout.esp_offset is not None and layout.esp_size is not None
+        script = (
+            "label: gpt\n"
+            f"start={layout.esp_offset // SECTOR}, size={layout.esp_size // SECTOR}, "
+            "type=C12A7328-F81F-11D2-BA4B-00A0C93EC93B, name=ESP\n"
+            f"start={start}, size={sectors}, "
+            "type=4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709, name=root\n"
+        )
+    else:
+        script = f"label: dos\nstart={start}, size={sectors}, type=83, bootable\n"
+    _run(["sfdisk", "--no-reread", "--no-tell-kernel", "-q", str(disk)], "sfdisk", script)
+
+
+def _make_root_fs(disk: Path, root: Path, layout: DiskLayout) -> None:
+    blocks = layout.root_size // 4096
+    _run(
+        ["mkfs.ext4", "-q", "-F", "-L", "vmroot", "-U", layout.root_uuid, "-b", "4096",
+         "-d", str(root), "-E", f"offset={layout.root_offset},nodiscard",
+         str(disk), str(blocks)],
+        "mkfs.ext4",
+    )
+
+
+def _install_grub_bios(disk: Path, layout: DiskLayout, work: Path) -> None:
+    early = work / "early.cfg"
+    early.write_text(_early_cfg(layout))
+    core = work / "core.img"
+    _run(["grub-mkimage", "-O", "i386-pc", "-o", str(core), "-c", str(early),
+          "-p", "/boot/grub", *_BIOS_MODULES], "grub-mkimage (i386-pc)")
+    core_img = bytearray(core.read_bytes())
+    if len(core_img) % SECTOR:
+        core_img += bytes(SECTOR - len(core_img) % SECTOR)
+    core_sectors = len(core_img) // SECTOR
+    if 1 + core_sectors > FIRST_PARTITION_OFFSET // SECTOR:
+        raise BuildError("GRUB core image does not fit before the first partition")
+    # diskboot.img (the first sector of core.img) loads the rest of core.img from this list.
+    struct.pack_into("<QHH", core_img, _BLOCKLIST, 2, core_sectors - 1, 0x820)
+    boot = bytearray((GRUB_PC_DIR / "boot.img").read_bytes())
+    struct.pack_into("<Q", boot, _BOOT_KERNEL_SECTOR, 1)
+    boot[_BOOT_DRIVE] = 0xFF  # use the drive the BIOS booted from
+    boot[_BOOT_DRIVE_CHECK:_BOOT_DRIVE_CHECK + 2] = b"\x90\x90"  # hard disk: skip floppy probe
+    with disk.open("r+b") as f:
+        f.seek(0)
+        f.write(boot[:_MBR_CODE_END])
+        f.seek(SECTOR)
+        f.write(core_img)
+
+
+def _install_grub_efi(disk: Path, layout: DiskLayout, work: Path) -> None:
+    assert layout.esp_offset is not None and layout.esp_size is not None
+    early = work / "early.cfg"
+    early.write_text(_early_cfg(layout))
+    efi = work / "BOOTX64.EFI"
+    _run(["grub-mkimage", "-O", "x86_64-efi", "-o", str(efi), "-c", str(early),
+          "-p", "/boot/grub", *_EFI_MODULES], "grub-mkimage (x86_64-efi)")
+    esp = work / "esp.img"
+    _run(["mkfs.fat", "-C", "-F", "32", "-n", "ESP", str(esp), str(layout.esp_size // 1024)],
+         "mkfs.fat")
+    for d in ("::/EFI", "::/EFI/BOOT"):
+        _run(["mmd", "-i", str(esp), d], "mmd")
+    # The removable-media path needs no NVRAM boot entry, so VMware and OVMF both find it.
+    _run(["mcopy", "-i", str(esp), str(efi), "::/EFI/BOOT/BOOTX64.EFI"], "mcopy")
+    with esp.open("rb") as src, disk.open("r+b") as dst:
+        dst.seek(layout.esp_offset)
+        shutil.copyfileobj(src, dst, 4 * MIB)
+
+
+def assemble_disk(root: Path, disk: Path, layout: DiskLayout) -> None:
+    """Write a bootable raw disk image at `disk` from the prepared root tree."""
+    with disk.open("wb") as f:
+        f.truncate(layout.size)
+    _partition(disk, layout)
+    _make_root_fs(disk, root, layout)
+    with tempfile.TemporaryDirectory(prefix="vmbuild-grub-") as tmp:
+        if layout.firmware == "efi":
+            _install_grub_efi(disk, layout, Path(tmp))
+        else:
+            _install_grub_bios(disk, layout, Path(tmp))

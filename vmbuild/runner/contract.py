@@ -1,0 +1,88 @@
+"""The guest contract, host side: serial ports, disk labels, control messages, exit codes.
+
+The image's job wrapper (vmbuild/guest/vmbuild-job) is the other half; the two must agree on
+everything here. Standard library only: the runner ships alone to execute nodes.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+# COM1..COM3 as files beside the VM.
+CONSOLE_LOG = "console.log"  # COM1 / ttyS0: kernel and system console
+JOB_LOG = "job.log"  # COM2 / ttyS1: the job's stdout and stderr
+CONTROL_LOG = "control.log"  # COM3 / ttyS2: JSON lines from the wrapper only
+
+INPUT_LABEL = "VMBINPUT"
+OUTPUT_LABEL = "VMBOUTPUT"
+
+# Exit statuses of `vmbuild run` besides the job's own (documented in the README and --help).
+EXIT_CHECKPOINTED = 85  # HTCondor's conventional checkpoint_exit_code
+EXIT_VM_START_FAILED = 90
+EXIT_JOB_TIMEOUT = 91
+EXIT_VM_DIED = 92
+EXIT_USAGE = 2
+
+
+@dataclass
+class JobReport:
+    """What the control channel said, in order."""
+
+    events: list[dict[str, Any]] = field(default_factory=list)
+    partial: str = ""  # an unterminated last line, kept until its newline arrives
+
+    def feed(self, data: str) -> list[dict[str, Any]]:
+        """Add raw control-port text; return the complete events it finished."""
+        text = self.partial + data
+        lines = text.split("\n")
+        self.partial = lines.pop()
+        new = []
+        for line in lines:
+            line = line.strip().strip("\r")
+            if not line.startswith("{"):
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict) and "event" in record:
+                self.events.append(record)
+                new.append(record)
+        return new
+
+    @property
+    def started(self) -> bool:
+        return any(e["event"] == "started" for e in self.events)
+
+    @property
+    def finished(self) -> dict[str, Any] | None:
+        for event in reversed(self.events):
+            if event["event"] in ("exited", "timeout"):
+                found: dict[str, Any] = event
+                return found
+        return None
+
+    @property
+    def status(self) -> int | None:
+        end = self.finished
+        if end is None:
+            return None
+        status = end.get("status")
+        return status if isinstance(status, int) else None
+
+    @property
+    def timed_out(self) -> bool:
+        end = self.finished
+        return end is not None and end["event"] == "timeout"
+
+    @property
+    def boot_ids(self) -> list[str]:
+        return [str(e.get("boot_id", "")) for e in self.events if e["event"] == "started"]
+
+
+def parse_control(text: str) -> JobReport:
+    report = JobReport()
+    report.feed(text + "\n")
+    return report

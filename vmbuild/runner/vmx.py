@@ -1,0 +1,385 @@
+"""Read and write VMware ``.vmx`` files, and a small typed view of the parts the runner needs.
+
+Standard library only: this module ships inside the runner zipapp, where both backends read
+the image's ``.vmx`` (the VMware backend to run it, the QEMU backend to rebuild the same
+machine from it), so the ``.vmx`` stays the single description of the VM.
+
+The format, as VMware writes and reads it:
+
+* one ``key = "value"`` per line; ``#`` starts a comment line; blank lines are ignored;
+* keys are case-insensitive (``displayName`` and ``displayname`` are the same key), so
+  :func:`parse_vmx` lower-cases them; the last occurrence of a key wins;
+* values are double-quoted; characters that cannot appear literally (the quote itself,
+  ``|``, control characters) are written as ``|XX``, the hex value of one byte of the
+  file's encoding (``|22`` is ``"``, ``|7C`` is ``|``, ``|0A`` a newline);
+* ``.encoding`` names the file's character set; VMware writes ``"UTF-8"``.
+"""
+
+from __future__ import annotations
+
+import codecs
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+__all__ = [
+    "SCSI_KINDS",
+    "VmxDisk",
+    "VmxError",
+    "VmxInfo",
+    "VmxLine",
+    "VmxNic",
+    "VmxSerial",
+    "controller_kind",
+    "controller_present",
+    "dump_vmx",
+    "iter_vmx_lines",
+    "load_vmx",
+    "parse_vmx",
+    "read_vmx_text",
+    "vmx_bool",
+    "vmx_disks",
+    "vmx_escape",
+    "vmx_info",
+    "vmx_unescape",
+]
+
+
+class VmxError(ValueError):
+    """A ``.vmx`` that VMware itself would refuse to load (or that lacks what we need).
+
+    ``line`` is the 1-based line number when the problem is tied to one line.
+    """
+
+    def __init__(self, message: str, line: int | None = None) -> None:
+        self.line = line
+        super().__init__(f"line {line}: {message}" if line is not None else message)
+
+
+class VmxLine(NamedTuple):
+    """One ``key = value`` line as found in the file: kept for linting (duplicates, lines)."""
+
+    line: int  # 1-based
+    key: str  # as written (original case)
+    value: str  # unescaped
+
+
+# A key is what VMware accepts left of "=": letters, digits and a little punctuation
+# (".encoding", "scsi0:0.fileName", "guestinfo.my-key", "ethernet0.pciSlotNumber").
+_KEY_RE = re.compile(r"^[A-Za-z0-9_.:\-\[\]/@]+$")
+_ESCAPE_RE = re.compile(r"(?:\|[0-9A-Fa-f]{2})+")
+_ENCODING_RE = re.compile(rb'^[ \t]*\.encoding[ \t]*=[ \t]*"([^"\r\n]*)"', re.MULTILINE | re.I)
+
+
+def vmx_unescape(value: str, encoding: str = "utf-8") -> str:
+    """Undo VMware's ``|XX`` escaping.
+
+    Consecutive ``|XX`` are one byte string in the file's encoding (a non-ASCII character
+    that VMware chose to escape spans several), so runs are decoded together; a run that
+    is not valid in ``encoding`` falls back to Latin-1 rather than failing, because a
+    garbled display name must not stop a VM from being read. A ``|`` not followed by two
+    hex digits is kept literally, as VMware does.
+    """
+
+    def decode(match: re.Match[str]) -> str:
+        raw = bytes(int(match.group(0)[i + 1 : i + 3], 16) for i in range(0, len(match[0]), 3))
+        try:
+            return raw.decode(encoding)
+        except (UnicodeDecodeError, LookupError):
+            return raw.decode("latin-1")
+
+    return _ESCAPE_RE.sub(decode, value)
+
+
+def _needs_escape(ch: str) -> bool:
+    return ch in '"|' or not ch.isprintable()
+
+
+def vmx_escape(value: str) -> str:
+    """Escape a value for a UTF-8 ``.vmx``: ``"``, ``|``, control and non-printable characters
+    become ``|XX`` per UTF-8 byte; everything printable (including non-ASCII) stays literal,
+    which is what VMware itself writes."""
+    if not any(_needs_escape(ch) for ch in value):
+        return value
+    out: list[str] = []
+    for ch in value:
+        if _needs_escape(ch):
+            out.extend(f"|{b:02X}" for b in ch.encode("utf-8", "surrogatepass"))
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def iter_vmx_lines(text: str, encoding: str = "utf-8") -> Iterator[VmxLine]:
+    """Yield every ``key = value`` line of ``text`` in file order, values unescaped.
+
+    Raises :class:`VmxError` for a line VMware could not read (no ``=``, an empty or
+    malformed key, an unterminated quote, junk after the closing quote), because VMware
+    refuses such a file rather than guessing, and so must a lint.
+    """
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if number == 1:
+            line = line.lstrip("\ufeff")
+        if not line or line.startswith("#"):
+            continue
+        key, sep, rest = line.partition("=")
+        key = key.strip()
+        if not sep:
+            raise VmxError(f"expected 'key = \"value\"', found {raw.strip()!r}", number)
+        if not key or not _KEY_RE.match(key):
+            raise VmxError(f"{key!r} is not a valid key", number)
+        rest = rest.strip()
+        if rest.startswith('"'):
+            end = rest.find('"', 1)
+            if end < 0:
+                raise VmxError(f"{key}: the value has no closing quote", number)
+            value = rest[1:end]
+            tail = rest[end + 1 :].strip()
+            if tail and not tail.startswith("#"):
+                raise VmxError(f"{key}: unexpected text after the value: {tail!r}", number)
+        else:
+            # VMware also accepts unquoted values (old hand-written files); a '#' ends them.
+            value = rest.split("#", 1)[0].strip()
+        yield VmxLine(number, key, vmx_unescape(value, encoding))
+
+
+def parse_vmx(text: str, encoding: str = "utf-8") -> dict[str, str]:
+    """Parse ``.vmx`` text into an ordered ``{lower-case key: value}`` dict.
+
+    ``encoding`` is the charset the ``|XX`` escapes are decoded in (the file's
+    ``.encoding``; :func:`load_vmx` passes it). A repeated key keeps its first position
+    and its last value, matching VMware's "last one wins".
+    """
+    result: dict[str, str] = {}
+    for entry in iter_vmx_lines(text, encoding):
+        result[entry.key.lower()] = entry.value
+    return result
+
+
+def _detect_encoding(data: bytes) -> str:
+    match = _ENCODING_RE.search(data)
+    if match:
+        name = match.group(1).decode("ascii", "replace").strip()
+        try:
+            return codecs.lookup(name).name
+        except LookupError as exc:
+            raise VmxError(f".encoding: unknown character set {name!r}") from exc
+    return "utf-8"
+
+
+def read_vmx_text(path: str | Path) -> tuple[str, str]:
+    """Read a ``.vmx`` file and return ``(text, encoding)``.
+
+    The encoding is taken from the file's ``.encoding`` line. A file without one is read as
+    UTF-8, falling back to Latin-1 (files written by old VMware versions on Windows carry
+    the host code page and no ``.encoding``); Latin-1 never fails, so such a file is still
+    readable. A file that declares an encoding and violates it is an error.
+    """
+    data = Path(path).read_bytes()
+    if data.startswith(codecs.BOM_UTF8):
+        data = data[len(codecs.BOM_UTF8) :]
+    declared = _ENCODING_RE.search(data) is not None
+    encoding = _detect_encoding(data)
+    try:
+        return data.decode(encoding), encoding
+    except UnicodeDecodeError as exc:
+        if declared:
+            raise VmxError(f"not valid {encoding} as its .encoding says: {exc}") from exc
+        return data.decode("latin-1"), "latin-1"
+
+
+def load_vmx(path: str | Path) -> dict[str, str]:
+    """Read and parse a ``.vmx`` file (see :func:`parse_vmx`)."""
+    text, encoding = read_vmx_text(path)
+    return parse_vmx(text, encoding)
+
+
+def dump_vmx(mapping: Mapping[str, str | int | bool]) -> str:
+    """Render a mapping as ``.vmx`` text: ``.encoding = "UTF-8"`` first, then one
+    ``key = "value"`` line per entry in mapping order, values escaped with :func:`vmx_escape`.
+
+    Keys keep the case given (VMware does not care; people reading the file do). Integers
+    are written in decimal and booleans as ``TRUE``/``FALSE``, VMware's spelling. Any
+    ``.encoding`` entry in the mapping is dropped, since the text is always UTF-8.
+    Raises ValueError for keys VMware could not read back or for the same key twice in
+    different case, which would silently collapse into one when read.
+    """
+    lines = ['.encoding = "UTF-8"']
+    seen: set[str] = set()
+    for key, value in mapping.items():
+        if not _KEY_RE.match(key):
+            raise ValueError(f"{key!r} is not a valid .vmx key")
+        lower = key.lower()
+        if lower == ".encoding":
+            continue
+        if lower in seen:
+            raise ValueError(f"the .vmx key {key!r} appears twice (keys are case-insensitive)")
+        seen.add(lower)
+        if isinstance(value, bool):
+            text = "TRUE" if value else "FALSE"
+        elif isinstance(value, int):
+            text = str(value)
+        else:
+            text = value
+        lines.append(f'{key} = "{vmx_escape(text)}"')
+    return "\n".join(lines) + "\n"
+
+
+def vmx_bool(value: str | None, default: bool = False) -> bool:
+    """VMware's boolean reading: TRUE/FALSE in any case (also yes/no, 1/0); else ``default``."""
+    if value is None:
+        return default
+    lowered = value.strip().lower()
+    if lowered in ("true", "yes", "1", "on"):
+        return True
+    if lowered in ("false", "no", "0", "off"):
+        return False
+    return default
+
+
+class VmxDisk(NamedTuple):
+    """A hard disk the VM has: on which controller kind, bus (controller number), unit."""
+
+    controller: str  # pvscsi | lsilogic | lsisas1068 | buslogic | sata | nvme | ide
+    bus: int
+    unit: int
+    file_name: str  # as written in the .vmx, normally relative to the .vmx directory
+
+    @property
+    def key(self) -> str:
+        """The VMware device key prefix, e.g. ``scsi0:0``."""
+        return f"{_controller_prefix(self.controller)}{self.bus}:{self.unit}"
+
+
+class VmxNic(NamedTuple):
+    """A network adapter: ``ethernetN.virtualDev`` and ``ethernetN.connectionType``."""
+
+    number: int  # N of ethernetN
+    virtual_dev: str  # vmxnet3 | e1000e | e1000 | vlance | ...
+    connection_type: str  # nat | bridged | hostonly | custom | ...
+
+
+class VmxSerial(NamedTuple):
+    """A serial port (``serialN``); index 0 is COM1 / ttyS0."""
+
+    number: int  # N of serialN: 0 is COM1
+    file_name: str
+    file_type: str = "file"  # file | pipe | device | network | thinprint
+
+
+SCSI_KINDS = frozenset({"pvscsi", "lsilogic", "lsisas1068", "buslogic"})
+
+
+def _controller_prefix(kind: str) -> str:
+    return kind if kind in ("sata", "nvme", "ide") else "scsi"  # SCSI kinds: by virtualDev
+
+
+@dataclass(frozen=True)
+class VmxInfo:
+    """What a backend needs to know about the VM, read from its ``.vmx``."""
+
+    memory_mib: int
+    cpus: int
+    firmware: str  # bios | efi
+    guest_os: str
+    hardware_version: int
+    disks: list[VmxDisk] = field(default_factory=list)
+    nics: list[VmxNic] = field(default_factory=list)
+    serial_ports: list[VmxSerial] = field(default_factory=list)
+    display_name: str = ""
+
+
+_DEVICE_RE = re.compile(r"^(scsi|sata|nvme|ide)(\d+):(\d+)\.filename$")
+_NIC_RE = re.compile(r"^ethernet(\d+)\.present$")
+_SERIAL_RE = re.compile(r"^serial(\d+)\.present$")
+
+
+def _int(mapping: Mapping[str, str], key: str, default: int | None = None) -> int:
+    value = mapping.get(key)
+    if value is None or not value.strip():
+        if default is None:
+            raise VmxError(f"{key} is missing")
+        return default
+    try:
+        return int(value.strip(), 10)
+    except ValueError:
+        raise VmxError(f"{key} = {value!r} is not a whole number") from None
+
+
+def controller_present(mapping: Mapping[str, str], prefix: str, bus: int) -> bool:
+    """Whether controller ``prefix``+``bus`` exists; IDE controllers are built into the
+    chipset and need no ``.present`` key."""
+    if prefix == "ide":
+        return vmx_bool(mapping.get(f"ide{bus}.present"), default=True)
+    return vmx_bool(mapping.get(f"{prefix}{bus}.present"))
+
+
+def controller_kind(mapping: Mapping[str, str], prefix: str, bus: int) -> str:
+    """The controller kind for a device prefix: SCSI controllers are told apart by
+    ``virtualDev``; VMware's default for modern Linux guests, LSI Logic, when it is absent."""
+    if prefix == "scsi":
+        return mapping.get(f"scsi{bus}.virtualdev", "lsilogic").strip().lower() or "lsilogic"
+    return prefix
+
+
+def vmx_disks(mapping: Mapping[str, str]) -> list[VmxDisk]:
+    """The present hard disks (CD-ROM devices excluded), ordered by controller (in the order
+    controllers first appear in the file), then bus, then unit: the first is the boot disk."""
+    order: dict[str, int] = {}
+    found: list[tuple[int, int, int, VmxDisk]] = []
+    for key, value in mapping.items():
+        match = _DEVICE_RE.match(key)
+        if not match:
+            continue
+        prefix, bus, unit = match.group(1), int(match.group(2)), int(match.group(3))
+        dev = f"{prefix}{bus}:{unit}"
+        if not vmx_bool(mapping.get(f"{dev}.present")):
+            continue
+        if not controller_present(mapping, prefix, bus):
+            continue
+        device_type = mapping.get(f"{dev}.devicetype", "").lower()
+        if "cdrom" in device_type or "floppy" in device_type:
+            continue
+        rank = order.setdefault(prefix, len(order))
+        disk = VmxDisk(controller_kind(mapping, prefix, bus), bus, unit, value)
+        found.append((rank, bus, unit, disk))
+    return [disk for *_, disk in sorted(found, key=lambda item: item[:3])]
+
+
+def vmx_info(mapping: Mapping[str, str]) -> VmxInfo:
+    """Build the typed view of a parsed ``.vmx`` (keys lower-case, as :func:`parse_vmx`).
+
+    Raises :class:`VmxError` when ``memsize`` or ``virtualHW.version`` is missing or not a
+    number: a VM cannot be reproduced without them. ``numvcpus`` defaults to 1 and
+    ``guestOS`` to ``other``, as in VMware. NIC ``virtualDev`` defaults to ``e1000`` (what
+    VMware picks for current 64-bit Linux guests) and ``connectionType`` to ``bridged``.
+    """
+    nics: list[VmxNic] = []
+    serials: list[VmxSerial] = []
+    for key, value in mapping.items():
+        if (match := _NIC_RE.match(key)) and vmx_bool(value):
+            index = int(match.group(1))
+            dev = mapping.get(f"ethernet{index}.virtualdev", "").strip().lower() or "e1000"
+            conn = mapping.get(f"ethernet{index}.connectiontype", "").strip().lower()
+            nics.append(VmxNic(index, dev, conn or "bridged"))
+        elif (match := _SERIAL_RE.match(key)) and vmx_bool(value):
+            index = int(match.group(1))
+            file_type = mapping.get(f"serial{index}.filetype", "").strip().lower() or "device"
+            serials.append(VmxSerial(index, mapping.get(f"serial{index}.filename", ""), file_type))
+    nics.sort()
+    serials.sort()
+    firmware = mapping.get("firmware", "bios").strip().lower()
+    return VmxInfo(
+        memory_mib=_int(mapping, "memsize"),
+        cpus=_int(mapping, "numvcpus", 1),
+        firmware="efi" if firmware == "efi" else "bios",
+        guest_os=mapping.get("guestos", "other"),
+        hardware_version=_int(mapping, "virtualhw.version"),
+        disks=vmx_disks(mapping),
+        nics=nics,
+        serial_ports=serials,
+        display_name=mapping.get("displayname", ""),
+    )
