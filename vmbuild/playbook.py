@@ -8,8 +8,12 @@ shell, a unit file or a template.
 
 from __future__ import annotations
 
+import io
 import json
+import shlex
 import shutil
+import tarfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -75,10 +79,12 @@ def _files_tasks(recipe: Recipe, staging: Path) -> list[dict[str, Any]]:
             args["owner"] = Unsafe(owner)
             if group:
                 args["group"] = Unsafe(group)
-        parent = spec.dest if spec.dest.endswith("/") else str(Path(spec.dest).parent)
-        tasks.append(_task(Unsafe(f"files: {spec.src} -> {spec.dest}"),
-                           "ansible.builtin.file", {"path": Unsafe(parent), "state": "directory"}))
-        tasks.append(_task(Unsafe(f"files: copy {spec.src}"), "ansible.builtin.copy", args))
+        if not spec.src_path.is_dir():  # copy makes missing directories only for a tree
+            parent = spec.dest if spec.dest.endswith("/") else str(Path(spec.dest).parent)
+            tasks.append(_task(Unsafe(f"files: directory {parent}"), "ansible.builtin.file",
+                               {"path": Unsafe(parent), "state": "directory"}))
+        tasks.append(_task(Unsafe(f"files: {spec.src} -> {spec.dest}"), "ansible.builtin.copy",
+                           args))
     return tasks
 
 
@@ -92,26 +98,68 @@ def _run_tasks(recipe: Recipe) -> list[dict[str, Any]]:
     return tasks
 
 
-def _system_tasks(recipe: Recipe) -> list[dict[str, Any]]:
+def _add_file(tar: tarfile.TarFile, path: str, content: bytes, mode: int = 0o644) -> None:
+    info = tarfile.TarInfo(path.lstrip("/"))
+    info.size, info.mode, info.mtime = len(content), mode, int(time.time())
+    info.uname = info.gname = "root"
+    tar.addfile(info, io.BytesIO(content))
+
+
+def _add_link(tar: tarfile.TarFile, path: str, target: str) -> None:
+    info = tarfile.TarInfo(path.lstrip("/"))
+    info.type, info.linkname, info.mtime = tarfile.SYMTYPE, target, int(time.time())
+    info.uname = info.gname = "root"
+    tar.addfile(info)
+
+
+def _job_dropin(recipe: Recipe) -> str:
+    lines = ["[Unit]"]
+    if recipe.job.network:
+        lines += ["Wants=network-online.target", "After=network-online.target"]
+    lines += ["", "[Service]"]
+    if recipe.job.timeout is not None:
+        # The wrapper enforces job.timeout itself; this only catches a wedged wrapper.
+        lines.append(f"TimeoutStartSec={int(recipe.job.timeout) + 120}")
+    return "\n".join(lines) + "\n"
+
+
+def write_system_overlay(recipe: Recipe, path: Path) -> None:
+    """One tar of every file vmbuild itself puts into the guest, extracted in a single task.
+
+    Under TCG each Ansible task costs seconds of guest Python start-up, so the system files
+    (hostname, time zone, journald, the job service and its settings) travel together.
+    """
     g = recipe.guest
+    hosts = (f"127.0.0.1 localhost\n127.0.1.1 {g.hostname}\n"
+             "::1 localhost ip6-localhost ip6-loopback\n")
+    with tarfile.open(path, "w") as tar:
+        _add_file(tar, "/etc/hostname", (g.hostname + "\n").encode())
+        _add_file(tar, "/etc/hosts", hosts.encode())
+        _add_file(tar, "/etc/timezone", (g.timezone + "\n").encode())
+        _add_link(tar, "/etc/localtime", "/usr/share/zoneinfo/" + g.timezone)
+        # A job VM is thrown away after its run: its journal need not survive on the disk.
+        _add_file(tar, "/etc/systemd/journald.conf.d/vmbuild.conf",
+                  b"[Journal]\nStorage=volatile\n")
+        _add_file(tar, f"{GUEST_LIB}/vmbuild-job", (GUEST_DIR / "vmbuild-job").read_bytes(),
+                  0o755)
+        _add_file(tar, JOB_CONFIG,
+                  (json.dumps(job_config(recipe), indent=2, sort_keys=True) + "\n").encode())
+        _add_file(tar, "/etc/systemd/system/vmbuild-job.service",
+                  (GUEST_DIR / "vmbuild-job.service").read_bytes())
+        _add_file(tar, "/etc/systemd/system/vmbuild-job.service.d/job.conf",
+                  _job_dropin(recipe).encode())
+        _add_link(tar, "/etc/systemd/system/multi-user.target.wants/vmbuild-job.service",
+                  "/etc/systemd/system/vmbuild-job.service")
+
+
+def _system_tasks(recipe: Recipe, overlay: Path) -> list[dict[str, Any]]:
     tasks = [
-        _task("hostname", "ansible.builtin.copy",
-              {"content": Unsafe(g.hostname + "\n"), "dest": "/etc/hostname"}),
-        _task("hosts", "ansible.builtin.copy",
-              {"content": Unsafe(f"127.0.0.1 localhost\n127.0.1.1 {g.hostname}\n"
-                                 "::1 localhost ip6-localhost ip6-loopback\n"),
-               "dest": "/etc/hosts"}),
-        _task("timezone", "ansible.builtin.file",
-              {"src": Unsafe("/usr/share/zoneinfo/" + g.timezone), "dest": "/etc/localtime",
-               "state": "link", "force": True}),
-        _task("timezone name", "ansible.builtin.copy",
-              {"content": Unsafe(g.timezone + "\n"), "dest": "/etc/timezone"}),
-        _task("volatile journal (a job VM keeps no logs on its disk)", "ansible.builtin.copy",
-              {"content": "[Journal]\nStorage=volatile\n",
-               "dest": "/etc/systemd/journald.conf.d/vmbuild.conf"}),
+        _task("system: upload hostname, time zone and the job service", "ansible.builtin.copy",
+              {"src": str(overlay), "dest": "/run/vmbuild-system.tar", "mode": "0600"}),
+        _task("system: install them", "ansible.builtin.command",
+              {"argv": ["tar", "-x", "--no-overwrite-dir", "--no-same-owner", "-f",
+                        "/run/vmbuild-system.tar", "-C", "/"]}),
     ]
-    tasks.insert(4, _task("journald drop-in directory", "ansible.builtin.file",
-                          {"path": "/etc/systemd/journald.conf.d", "state": "directory"}))
     if recipe.job.user != "root":
         tasks.append(_task("job user", "ansible.builtin.user",
                            {"name": Unsafe(recipe.job.user), "system": True,
@@ -119,88 +167,38 @@ def _system_tasks(recipe: Recipe) -> list[dict[str, Any]]:
     return tasks
 
 
-def _job_service_tasks(recipe: Recipe, staging: Path) -> list[dict[str, Any]]:
-    config = staging / "job.json"
-    config.write_text(json.dumps(job_config(recipe), indent=2, sort_keys=True) + "\n")
-    dropin_lines = ["[Unit]"]
-    if recipe.job.network:
-        dropin_lines += ["Wants=network-online.target", "After=network-online.target"]
-    dropin_lines += ["", "[Service]"]
-    if recipe.job.timeout is not None:
-        # The wrapper enforces job.timeout itself; this only catches a wedged wrapper.
-        dropin_lines.append(f"TimeoutStartSec={int(recipe.job.timeout) + 120}")
-    dropin = "\n".join(dropin_lines) + "\n"
+def _finish_tasks(recipe: Recipe) -> list[dict[str, Any]]:
+    """Record what is installed, then seal: no keys, no build access, no logs."""
+    # Through /bin/sh: Ansible's remote temp directory is on /run, which is mounted noexec.
+    seal: dict[str, Any] = {"cmd": shlex.quote(str(GUEST_DIR / "vmbuild-seal")),
+                            "executable": "/bin/sh"}
+    if recipe.guest.ssh:
+        seal["cmd"] += " --keep-ssh"
     return [
-        _task("job service: directories", "ansible.builtin.file",
-              {"path": "{{ item }}", "state": "directory", "mode": "0755"},
-              loop=[GUEST_LIB, "/etc/vmbuild", "/etc/systemd/system/vmbuild-job.service.d"]),
-        _task("job service: wrapper", "ansible.builtin.copy",
-              {"src": str(GUEST_DIR / "vmbuild-job"), "dest": f"{GUEST_LIB}/vmbuild-job",
-               "mode": "0755"}),
-        _task("job service: settings", "ansible.builtin.copy",
-              {"src": str(config), "dest": JOB_CONFIG, "mode": "0644"}),
-        _task("job service: unit", "ansible.builtin.copy",
-              {"src": str(GUEST_DIR / "vmbuild-job.service"),
-               "dest": "/etc/systemd/system/vmbuild-job.service", "mode": "0644"}),
-        _task("job service: drop-in", "ansible.builtin.copy",
-              {"content": dropin, "dest": "/etc/systemd/system/vmbuild-job.service.d/job.conf",
-               "mode": "0644"}),
-        _task("job service: enable", "ansible.builtin.command",
-              {"argv": ["systemctl", "enable", "vmbuild-job.service"]}),
-    ]
-
-
-def _cleanup_tasks(recipe: Recipe) -> list[dict[str, Any]]:
-    """Leave nothing from the build behind: keys, build access, logs, caches."""
-    tasks = [
         _task(PACKAGES_TASK, "ansible.builtin.command",
               {"argv": ["dpkg-query", "-W", "-f", "${Package}\t${Version}\n"]}),
-        _task("cleanup: build access off", "ansible.builtin.command",
-              {"argv": ["systemctl", "disable", "vmbuild-build-access.service"]}),
-        _task("cleanup: build access files", "ansible.builtin.file",
-              {"path": "{{ item }}", "state": "absent"},
-              loop=[f"{GUEST_LIB}/vmbuild-build-access",
-                    "/etc/systemd/system/vmbuild-build-access.service",
-                    "/root/.ssh/authorized_keys", "/root/.ansible", "/root/.bash_history",
-                    "/var/cache/apt/archives", "/var/lib/apt/lists", "/var/log/journal"]),
-        _task("cleanup: host keys", "ansible.builtin.shell",
-              {"cmd": "rm -f /etc/ssh/ssh_host_*"}),
-        _task("cleanup: no root password", "ansible.builtin.command",
-              {"argv": ["usermod", "-p", "*", "root"]}),
-        _task("cleanup: logs", "ansible.builtin.shell",
-              {"cmd": "find /var/log -type f -exec truncate -s 0 {} +"}),
-        _task("cleanup: mark shipped", "ansible.builtin.copy",
-              {"content": "built by vmbuild\n", "dest": "/etc/vmbuild/shipped"}),
+        _task("seal: remove build keys and access, lock root, clean, trim",
+              "ansible.builtin.script", seal),
     ]
-    if recipe.guest.ssh:
-        tasks.append(_task("ssh: make host keys at boot", "ansible.builtin.copy",
-                           {"content": "[Service]\nExecStartPre=/usr/bin/ssh-keygen -A\n",
-                            "dest": "/etc/systemd/system/ssh.service.d/vmbuild-keys.conf"}))
-        tasks.insert(-1, _task("ssh: drop-in directory", "ansible.builtin.file",
-                               {"path": "/etc/systemd/system/ssh.service.d",
-                                "state": "directory"}))
-    else:
-        tasks.append(_task("cleanup: sshd off", "ansible.builtin.command",
-                           {"argv": ["systemctl", "disable", "ssh.service"]}))
-    tasks.append(_task("cleanup: trim the disk", "ansible.builtin.command",
-                       {"argv": ["fstrim", "-av"]}))
-    return tasks
 
 
 def write_playbook(recipe: Recipe, staging: Path) -> Path:
     """Write site.yml (and the files it copies) into `staging`; return its path."""
     staging.mkdir(parents=True, exist_ok=True)
+    overlay = staging / "system.tar"
+    write_system_overlay(recipe, overlay)
     setup = {
         "name": "vmbuild: application",
         "hosts": "all",
         "gather_facts": False,
-        "tasks": [*_system_tasks(recipe), *_files_tasks(recipe, staging), *_run_tasks(recipe)],
+        "tasks": [*_system_tasks(recipe, overlay), *_files_tasks(recipe, staging),
+                  *_run_tasks(recipe)],
     }
     finish = {
-        "name": "vmbuild: job service and cleanup",
+        "name": "vmbuild: seal",
         "hosts": "all",
         "gather_facts": False,
-        "tasks": [*_job_service_tasks(recipe, staging), *_cleanup_tasks(recipe)],
+        "tasks": _finish_tasks(recipe),
     }
     plays: list[dict[str, Any]] = [setup]
     if recipe.application.playbook is not None:

@@ -59,7 +59,9 @@ class EventHandler:
             emit("step", task, task=task)
         elif name == "runner_on_failed" and not data.get("ignore_errors"):
             res = data.get("res", {})
-            stderr = (res.get("stderr") or "").strip()
+            # Over SSH a script's error text often lands in stdout (pty), not stderr.
+            stderr = "\n".join(part for part in ((res.get("stdout") or "").strip(),
+                                                   (res.get("stderr") or "").strip()) if part)
             msg = (res.get("msg") or "").strip()
             self.failed.append({"task": task, "stderr": stderr, "msg": msg})
             emit("error", f"task failed: {task}", task=task, stderr=stderr[-4000:],

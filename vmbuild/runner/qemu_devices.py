@@ -44,6 +44,7 @@ from typing import NamedTuple
 from .vmx import VmxDisk, VmxInfo
 
 __all__ = [
+    "BLOCKDEV",
     "OVMF_CANDIDATES",
     "ExtraDrive",
     "find_ovmf",
@@ -60,6 +61,10 @@ OVMF_CANDIDATES = (
     "/usr/share/edk2/ovmf/OVMF.fd",
     "/usr/share/edk2-ovmf/OVMF.fd",
 )
+
+#: Format name meaning "path is the node-name of a -blockdev the caller adds itself" (the
+#: runner builds its qcow2 layer chains explicitly so that it, not the files, names backings).
+BLOCKDEV = "blockdev"
 
 _FORMATS = {".vmdk": "vmdk", ".qcow2": "qcow2", ".img": "raw", ".raw": "raw", ".iso": "raw"}
 
@@ -129,6 +134,8 @@ def _drive(path: str, fmt: str, node: str, read_only: bool, ata: bool) -> list[s
     """A ``-drive`` for a device added separately. QEMU's ATA disks (``ide-hd``) refuse a
     read-only drive, so there "read-only" means ``snapshot=on``: the guest may write, but
     into a throwaway overlay, and the host file stays untouched, which is the point."""
+    if fmt == BLOCKDEV:
+        return []
     spec = f"file={qemu_opt_escape(path)},format={fmt},if=none,id={node}"
     if read_only:
         spec += ",snapshot=on" if ata else ",readonly=on"
@@ -166,7 +173,8 @@ def qemu_argv(
     ``vmx_dir``: the directory the ``.vmx`` is in; relative disk file names are resolved
     against it. ``disk_override`` maps a disk's file name as written in the ``.vmx`` to the
     file to use instead (e.g. the runner's qcow2 layer over the VMDK), optionally as a
-    ``(path, format)`` pair; otherwise the format comes from the extension.
+    ``(path, format)`` pair; otherwise the format comes from the extension. The format
+    :data:`BLOCKDEV` makes ``path`` the node name of a ``-blockdev`` the caller adds.
     ``serial_paths`` gives COM1, COM2, ... in order: a host file path, or a raw chardev
     backend spec prefixed with ``chardev:`` (``chardev:socket,path=/run/x.sock,server=on``).
     When None, the ``.vmx``'s own file-backed serial ports are used (relative to
@@ -200,8 +208,11 @@ def qemu_argv(
                read_only: bool, boot: bool) -> None:
         """Add one drive and its device; the first disk of the VMX is the boot disk."""
         nonlocal node_count, nvme_count
-        node = f"disk{node_count}"
-        node_count += 1
+        if fmt == BLOCKDEV:  # a node the caller defines itself with -blockdev
+            node = path
+        else:
+            node = f"disk{node_count}"
+            node_count += 1
         boot_opt = ",bootindex=0" if boot else ""
         if disk_kind == "nvme":
             argv.extend(_drive(path, fmt, node, read_only, ata=False))

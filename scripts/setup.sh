@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Install everything vmbuild needs on a fresh Debian 12 machine (run as root), then the Python
+# package and its development tools into ./.venv. Safe to run again: it skips what is there.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SYSTEM_PACKAGES=(
+  packer                      # the image builder (Debian's 1.6.6 has qemu + shell-local built in)
+  qemu-system-x86 qemu-utils  # build boots, validation boots, the runner's QEMU backend
+  ovmf                        # UEFI firmware for firmware: efi
+  mmdebstrap                  # the minimal Debian root filesystem of the base stage
+  grub-pc-bin grub-efi-amd64-bin grub2-common  # boot loaders written into the disk
+  e2fsprogs dosfstools mtools fdisk            # filesystems and partitions, without loop devices
+  openssh-client              # per-build SSH keys; Ansible's transport
+  python3 python3-venv python3-dev
+)
+
+missing=()
+for pkg in "${SYSTEM_PACKAGES[@]}"; do
+  dpkg-query -W -f '${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing+=("$pkg")
+done
+if ((${#missing[@]})); then
+  if [[ $(id -u) -ne 0 ]]; then
+    echo "setup: missing system packages (${missing[*]}); run this script as root" >&2
+    exit 1
+  fi
+  echo "setup: installing ${missing[*]}" >&2
+  apt-get update -qq || echo "setup: apt-get update reported errors; trying the install anyway" >&2
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
+fi
+
+if [[ ! -x .venv/bin/python ]]; then
+  python3 -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip >&2
+.venv/bin/python -m pip install -q -e '.[dev]' >&2
+echo "setup: ready (.venv/bin/vmbuild)" >&2

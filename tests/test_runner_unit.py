@@ -1,0 +1,249 @@
+"""Fast tests of the runner: manifest publishing, garbage collection, argv building, signal
+mapping, exit codes, the zipapp. No VM is booted here (see test_runner_qemu.py)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from vmbuild.runner import core, main
+from vmbuild.runner.bundle import write_bundle
+from vmbuild.runner.contract import (
+    EXIT_CHECKPOINTED,
+    EXIT_JOB_TIMEOUT,
+    EXIT_VM_DIED,
+    JobReport,
+)
+from vmbuild.runner.qemu import blockdev_args
+from vmbuild.runner.qemu_devices import BLOCKDEV, ExtraDrive, qemu_argv
+from vmbuild.runner.vmx import vmx_info
+
+VMX = {
+    "memsize": "512", "numvcpus": "1", "guestos": "debian12-64", "virtualhw.version": "19",
+    "scsi0.present": "TRUE", "scsi0.virtualdev": "pvscsi",
+    "scsi0:0.present": "TRUE", "scsi0:0.filename": "disk.vmdk",
+    "serial0.present": "TRUE", "serial0.filetype": "file", "serial0.filename": "console.log",
+}
+
+
+# ------------------------------------------------------------------ durations and signals
+
+
+@pytest.mark.parametrize(("text", "seconds"), [
+    ("90", 90.0), ("90s", 90.0), ("15m", 900.0), ("2h", 7200.0), ("1h30m", 5400.0),
+    ("500ms", 0.5), ("1.5h", 5400.0),
+])
+def test_parse_duration(text: str, seconds: float) -> None:
+    assert core.parse_duration(text) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("text", ["", "abc", "10x", "0", "-5s"])
+def test_parse_duration_rejects(text: str) -> None:
+    with pytest.raises(ValueError):
+        core.parse_duration(text)
+
+
+def test_parse_signals() -> None:
+    assert core.parse_signals("USR1,TERM,SIGQUIT") == [
+        signal.SIGUSR1, signal.SIGTERM, signal.SIGQUIT]
+    assert core.parse_signals("") == []
+    with pytest.raises(ValueError):
+        core.parse_signals("NOPE")
+    with pytest.raises(ValueError):
+        core.parse_signals("KILL")
+    with pytest.raises(ValueError):
+        core.parse_signals("TSTP")
+
+
+def test_signal_plan_sigint_follows_sigterm() -> None:
+    plan = core.signal_plan([signal.SIGUSR1, signal.SIGTERM])
+    assert signal.SIGINT in plan.checkpoint
+    assert signal.SIGTERM in plan.checkpoint
+    assert signal.SIGHUP in plan.stop
+    plan = core.signal_plan([signal.SIGUSR1])
+    assert {signal.SIGTERM, signal.SIGINT} <= plan.stop
+    assert plan.pause == signal.SIGTSTP and plan.resume == signal.SIGCONT
+
+
+# ------------------------------------------------------------------ exit codes
+
+
+def test_exit_codes_are_the_interface() -> None:
+    assert EXIT_CHECKPOINTED == 85
+    assert (core.EXIT_VM_START_FAILED, EXIT_JOB_TIMEOUT, EXIT_VM_DIED) == (90, 91, 92)
+
+
+def _report(*lines: dict[str, object]) -> JobReport:
+    report = JobReport()
+    report.feed("".join(json.dumps(x) + "\n" for x in lines))
+    return report
+
+
+def test_job_exit_status() -> None:
+    assert core.job_exit_status(_report({"event": "started"}, {"event": "exited", "status": 3})) == 3
+    assert core.job_exit_status(_report({"event": "started"})) == EXIT_VM_DIED
+    assert core.job_exit_status(_report({"event": "timeout", "status": 124})) == EXIT_JOB_TIMEOUT
+    assert core.job_exit_status(_report({"event": "exited", "status": 999})) == EXIT_VM_DIED
+
+
+def test_help_documents_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main.main(["run", "--help"]) == 0
+    text = capsys.readouterr().out
+    for code in ("85", "90", "91", "92"):
+        assert f"  {code} " in text
+    assert "SIGINT" in text and "TSTP" in text
+
+
+def test_usage_errors(tmp_path: Path) -> None:
+    assert main.main(["run", str(tmp_path / "missing.vmx")]) == 2
+    vmx = tmp_path / "x.vmx"
+    vmx.write_text("")
+    assert main.main(["run", str(vmx), "--checkpoint-every", "soon"]) == 2
+    assert main.main(["run", str(vmx), "--env", "NOEQUALS"]) == 2
+    assert main.main(["run", str(vmx), "--checkpoint-signals", "BOGUS"]) == 2
+    assert main.main(["frobnicate"]) == 2
+
+
+def test_options_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    vmx = tmp_path / "img.vmx"
+    vmx.write_text("")
+    monkeypatch.chdir(tmp_path)
+    ns = main.build_parser().parse_args(
+        ["run", str(vmx), "--input", "a", "b", "--input", "c", "--env", "K=v=w", "--arg", "x"])
+    opts = main.options_from(ns)
+    assert opts.workdir == tmp_path / "img.vmbuild-run"
+    assert [str(p) for p in opts.inputs] == ["a", "b", "c"]
+    assert opts.env == {"K": "v=w"} and opts.args == ["x"]
+    assert opts.checkpoint_signals == [signal.SIGUSR1, signal.SIGTERM, signal.SIGQUIT]
+    assert opts.checkpoint_exit_code == 85
+
+
+# ------------------------------------------------------------------ manifest and GC
+
+
+def _manifest(files: dict[str, list[str]], state: str) -> dict[str, object]:
+    return {"disks": {d: {"layers": [{"file": f} for f in fs], "size": 1}
+                      for d, fs in files.items()}, "state": state}
+
+
+def test_publish_and_load(tmp_path: Path) -> None:
+    wd = core.Workdir(tmp_path)
+    for name in ("base.qcow2", "l1.qcow2", "state-1.mig"):
+        (tmp_path / name).write_bytes(b"x")
+    assert wd.load_manifest() is None
+    wd.publish(_manifest({"system": ["base.qcow2", "l1.qcow2"]}, "state-1.mig"))
+    loaded = wd.load_manifest()
+    assert loaded is not None
+    assert loaded["version"] == core.MANIFEST_VERSION
+    assert core.manifest_files(loaded) == ["base.qcow2", "l1.qcow2", "state-1.mig"]
+    assert not list(tmp_path.glob(".*tmp"))  # the temporary file was renamed away
+    # names are relative: nothing in the manifest mentions the directory
+    assert str(tmp_path) not in (tmp_path / core.MANIFEST).read_text()
+
+
+def test_load_refuses_missing_files(tmp_path: Path) -> None:
+    wd = core.Workdir(tmp_path)
+    (tmp_path / "base.qcow2").write_bytes(b"x")
+    (tmp_path / "s.mig").write_bytes(b"x")
+    wd.publish(_manifest({"system": ["base.qcow2"]}, "s.mig"))
+    (tmp_path / "s.mig").unlink()
+    with pytest.raises(core.RunnerError, match="missing"):
+        wd.load_manifest()
+
+
+def test_load_refuses_garbage_and_traversal(tmp_path: Path) -> None:
+    wd = core.Workdir(tmp_path)
+    (tmp_path / core.MANIFEST).write_text("{not json")
+    with pytest.raises(core.RunnerError):
+        wd.load_manifest()
+    with pytest.raises(core.RunnerError):
+        wd.file("../etc/passwd")
+
+
+def test_collect_keeps_referenced_and_foreign_files(tmp_path: Path) -> None:
+    wd = core.Workdir(tmp_path)
+    names = ["base.qcow2", "l1.qcow2", "l2-killed.qcow2", "state-1.mig", "state-2.mig",
+             ".checkpoint.json.123.tmp", "notes.txt", "job.log", "result.json"]
+    for name in names:
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / ".stage-input-abc").mkdir()
+    manifest = _manifest({"system": ["base.qcow2", "l1.qcow2"]}, "state-1.mig")
+    wd.publish(manifest)
+    removed = wd.collect(core.manifest_files(manifest))
+    assert sorted(removed) == sorted([
+        ".checkpoint.json.123.tmp", ".stage-input-abc", "l2-killed.qcow2", "state-2.mig"])
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == sorted(["base.qcow2", "l1.qcow2", "state-1.mig", "notes.txt", "job.log",
+                           "result.json", core.MANIFEST])
+
+
+def test_retire(tmp_path: Path) -> None:
+    wd = core.Workdir(tmp_path)
+    (tmp_path / "s.mig").write_bytes(b"x")
+    wd.publish({"disks": {}, "state": "s.mig"})
+    wd.retire()
+    assert wd.load_manifest() is None
+
+
+# ------------------------------------------------------------------ QEMU argv
+
+
+def test_blockdev_chain_is_explicit_and_relocatable(tmp_path: Path) -> None:
+    args, top = blockdev_args(tmp_path, "system", ["base.qcow2", "l1.qcow2"], "top.qcow2")
+    specs = [json.loads(a) for a in args[1::2]]
+    assert args[0::2] == ["-blockdev"] * 3
+    assert [s["node-name"] for s in specs] == ["system-0", "system-1", "system-2"]
+    assert [s["backing"] for s in specs] == [None, "system-0", "system-1"]
+    assert [s.get("read-only", False) for s in specs] == [True, True, False]
+    assert specs[2]["file"]["filename"] == str(tmp_path / "top.qcow2")
+    assert top == "system-2"
+
+
+def test_qemu_argv_with_blockdev_nodes(tmp_path: Path) -> None:
+    info = vmx_info(VMX)
+    argv = qemu_argv(info, tmp_path, disk_override={"disk.vmdk": ("system-1", BLOCKDEV)},
+                     extra_drives=[ExtraDrive("output-1", BLOCKDEV, False)],
+                     serial_paths=["chardev:socket,fd=7"])
+    text = " ".join(argv)
+    assert "-drive" not in argv  # the runner defines every disk node itself
+    assert "scsi-hd,bus=scsi0.0,scsi-id=0,lun=0,drive=system-1,bootindex=0" in text
+    assert "drive=output-1" in text
+    assert "socket,fd=7,id=serial0" in text
+
+
+# ------------------------------------------------------------------ zipapp
+
+
+def test_bundle_runs_with_plain_python(tmp_path: Path) -> None:
+    target = tmp_path / "vmbuild-run.pyz"
+    write_bundle(target)
+    names = zipfile.ZipFile(target).namelist()
+    assert "__main__.py" in names and "vmbuild/runner/qemu.py" in names
+    assert "qemu/qmp/qmp_client.py" in names
+    assert not any(n.startswith(("vmbuild/recipe", "vmbuild/build", "vmbuild/cli")) for n in names)
+    python = "/usr/bin/python3" if Path("/usr/bin/python3").exists() else sys.executable
+    proc = subprocess.run([python, "-I", str(target), "run", "--help"], capture_output=True,
+                          text=True, cwd=tmp_path, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert "checkpoint" in proc.stdout
+    # the QEMU backend (and qemu.qmp) import from the archive alone
+    code = f"import sys; sys.path.insert(0, {str(target)!r}); import vmbuild.runner.qemu"
+    proc = subprocess.run([python, "-I", "-c", code], capture_output=True, text=True,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_runner_does_not_import_the_build_side() -> None:
+    code = ("import sys, vmbuild.runner.main, vmbuild.runner.qemu, vmbuild.runner.core;"
+            "bad = [m for m in sys.modules if m.split('.')[0] in "
+            "('yaml', 'typer', 'ansible_runner') or m in ('vmbuild.recipe', 'vmbuild.build')];"
+            "print(bad); sys.exit(1 if bad else 0)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -1,0 +1,475 @@
+"""The backend-neutral runner core: options, work directory, checkpoint manifest, signals,
+job I/O bookkeeping and exit codes.
+
+A backend (``qemu``, ``vmware``) knows how to start, pause, save and stop one VM; this module
+decides *when*: it maps signals to actions, streams the job's output, reads the job's status
+from the control channel and turns everything into one exit status.
+
+The work directory holds everything a resumed run needs. Its only mutable entry point is
+``checkpoint.json``, replaced atomically (write a temporary file, fsync, ``os.replace``,
+fsync the directory): a run killed at any instant leaves either the previous manifest or the
+new one, never a half-written one. Every file the manifest names is complete before the
+manifest that names it is published; everything it does not name is garbage that the next
+start removes. Names in the manifest are relative to the work directory, so the directory
+can be moved or copied to another path and resumed there.
+
+Standard library only: the runner ships alone to execute nodes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .contract import (
+    EXIT_CHECKPOINTED,
+    EXIT_JOB_TIMEOUT,
+    EXIT_VM_DIED,
+    EXIT_VM_START_FAILED,
+    JobReport,
+)
+
+MANIFEST = "checkpoint.json"
+MANIFEST_VERSION = 1
+RESULT = "result.json"
+#: Files the runner may create in a work directory; only these are ever garbage-collected,
+#: so a work directory that also holds a user's files does not lose them.
+_OWNED = re.compile(
+    r"^(?:.*\.qcow2|.*\.mig|.*\.tmp|.*\.raw|.*\.vmss|.*\.vmem|.*\.vmdk|.*\.vmx|\.stage-.*)$"
+)
+#: Logs kept across runs (appended to), never collected.
+LOGS = ("console.log", "job.log", "control.log", "runner.log")
+
+DEFAULT_CHECKPOINT_SIGNALS = ("USR1", "TERM", "QUIT")
+
+EXIT_CODES_HELP = f"""\
+exit status:
+  N    the job's own exit status (the guest's job wrapper reports it on COM3)
+  {EXIT_CHECKPOINTED}   the VM was checkpointed to the work directory and the runner left
+       (the checkpoint exit code, --checkpoint-exit-code); run again to resume
+  {EXIT_VM_START_FAILED}   the VM failed to start (or to resume from its checkpoint)
+  {EXIT_JOB_TIMEOUT}   the job timed out (--timeout, or the image's own job timeout)
+  {EXIT_VM_DIED}   the VM stopped without reporting a job status (crash, poweroff, kill)
+  2    usage error
+"""
+
+
+class RunnerError(Exception):
+    """A failure that ends the run with ``exit_code`` and a one-line message."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_VM_START_FAILED) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+# --------------------------------------------------------------------------- options
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+
+
+def parse_duration(text: str) -> float:
+    """``90``, ``90s``, ``15m``, ``2h``, ``1.5h``, ``500ms``, or ``1h30m`` -> seconds."""
+    text = text.strip()
+    parts = re.findall(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?", text)
+    if not parts or re.sub(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?", "", text).strip():
+        raise ValueError(f"not a duration: {text!r} (use e.g. 90s, 15m, 2h)")
+    total = sum(float(n) * _UNITS[u or None] for n, u in parts)
+    if total <= 0:
+        raise ValueError(f"duration must be positive: {text!r}")
+    return total
+
+
+def parse_signals(text: str) -> list[signal.Signals]:
+    """``USR1,TERM,SIGQUIT`` -> the signals; an empty string means none."""
+    result: list[signal.Signals] = []
+    for item in text.split(","):
+        name = item.strip().upper()
+        if not name:
+            continue
+        if not name.startswith("SIG"):
+            name = "SIG" + name
+        try:
+            sig = signal.Signals[name]
+        except KeyError:
+            raise ValueError(f"unknown signal: {item.strip()!r}") from None
+        if sig in (signal.SIGKILL, signal.SIGSTOP, signal.SIGTSTP, signal.SIGCONT):
+            raise ValueError(f"{name} cannot be a checkpoint signal")
+        if sig not in result:
+            result.append(sig)
+    return result
+
+
+@dataclass
+class RunOptions:
+    vmx: Path
+    workdir: Path
+    inputs: list[Path] = field(default_factory=list)
+    args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    output_dir: Path | None = None
+    output_size_mib: int = 1024
+    checkpoint_every: float | None = None
+    checkpoint_signals: list[signal.Signals] = field(
+        default_factory=lambda: parse_signals(",".join(DEFAULT_CHECKPOINT_SIGNALS)))
+    checkpoint_exit_code: int = EXIT_CHECKPOINTED
+    timeout: float | None = None
+    accel: str | None = None
+    quiet: bool = False
+
+
+@dataclass
+class SignalPlan:
+    """What each signal does. ``checkpoint``: save and leave; ``stop``: power off and leave
+    without saving; ``pause``/``resume``: SIGTSTP/SIGCONT."""
+
+    checkpoint: set[signal.Signals]
+    stop: set[signal.Signals]
+    pause: signal.Signals = signal.SIGTSTP
+    resume: signal.Signals = signal.SIGCONT
+
+
+def signal_plan(checkpoint_signals: Iterable[signal.Signals]) -> SignalPlan:
+    """SIGINT behaves as SIGTERM (checkpoint when SIGTERM does); TERM/INT/HUP that are not
+    checkpoint signals stop the VM without saving."""
+    chosen = set(checkpoint_signals)
+    if signal.SIGTERM in chosen:
+        chosen.add(signal.SIGINT)
+    stop = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP} - chosen
+    return SignalPlan(checkpoint=chosen, stop=stop)
+
+
+# --------------------------------------------------------------------------- work directory
+
+
+def fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``path`` so that a crash leaves the old content or the new, never a mix."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_path(path.parent)
+
+
+class Workdir:
+    """The run's directory: checkpoint manifest, disk layers, saved state, logs."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def file(self, name: str) -> Path:
+        if "/" in name or name in ("", ".", ".."):
+            raise RunnerError(f"bad file name in checkpoint manifest: {name!r}")
+        return self.path / name
+
+    def ensure(self) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+
+    def unique(self, prefix: str, suffix: str) -> str:
+        """A new file name not in use (random, so a killed run's leftovers never collide)."""
+        while True:
+            name = f"{prefix}-{os.urandom(4).hex()}{suffix}"
+            if not (self.path / name).exists():
+                return name
+
+    # manifest ---------------------------------------------------------------
+
+    def load_manifest(self) -> dict[str, Any] | None:
+        path = self.path / MANIFEST
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            raise RunnerError(f"{path}: unreadable checkpoint manifest: {exc}") from exc
+        if not isinstance(data, dict) or data.get("version") != MANIFEST_VERSION:
+            raise RunnerError(f"{path}: not a checkpoint manifest this runner understands")
+        missing = [n for n in manifest_files(data) if not (self.path / n).is_file()]
+        if missing:
+            raise RunnerError(f"{path}: the checkpoint's files are missing: {', '.join(missing)}")
+        return data
+
+    def publish(self, manifest: dict[str, Any]) -> None:
+        """Make ``manifest`` the checkpoint. Its files must already be complete: they are
+        fsync'ed here before the manifest that names them is renamed into place."""
+        manifest = {**manifest, "version": MANIFEST_VERSION, "published": time.time()}
+        for name in manifest_files(manifest):
+            fsync_path(self.file(name))
+        fsync_path(self.path)
+        write_atomic(self.path / MANIFEST, json.dumps(manifest, indent=1).encode() + b"\n")
+
+    def retire(self) -> None:
+        """The job finished: the checkpoint is no longer something to resume."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path / MANIFEST)
+        fsync_path(self.path)
+
+    def collect(self, keep: Iterable[str]) -> list[str]:
+        """Delete runner-owned files not in ``keep``; return their names."""
+        keep_set = set(keep) | {MANIFEST, RESULT, *LOGS}
+        removed: list[str] = []
+        if not self.path.is_dir():
+            return removed
+        for entry in sorted(os.listdir(self.path)):
+            if entry in keep_set or not _OWNED.match(entry):
+                continue
+            target = self.path / entry
+            if target.is_dir() and not target.is_symlink():
+                import shutil
+
+                shutil.rmtree(target, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    target.unlink()
+            removed.append(entry)
+        return removed
+
+
+def manifest_files(manifest: dict[str, Any]) -> list[str]:
+    """Every file a manifest refers to (disk layers, saved state, extra files)."""
+    names: list[str] = []
+    for chain in manifest.get("disks", {}).values():
+        names.extend(layer["file"] for layer in chain["layers"])
+    if manifest.get("state"):
+        names.append(manifest["state"])
+    names.extend(manifest.get("files", []))
+    return names
+
+
+# --------------------------------------------------------------------------- job I/O
+
+
+class JobStreams:
+    """Where the guest's serial ports go: job output to stdout (and job.log), control lines
+    parsed into a :class:`JobReport` (and control.log)."""
+
+    def __init__(self, workdir: Path, quiet: bool = False,
+                 stdout: Any = None, known_events: list[dict[str, Any]] | None = None) -> None:
+        self.report = JobReport()
+        if known_events:
+            self.report.events.extend(known_events)
+        self.quiet = quiet
+        self.out = stdout if stdout is not None else sys.stdout.buffer
+        self.job_log = open(workdir / "job.log", "ab")  # noqa: SIM115 (closed in close())
+        self.control_log = open(workdir / "control.log", "ab")  # noqa: SIM115
+        self.started = asyncio.Event()
+        self.finished = asyncio.Event()
+        self.output_seen = asyncio.Event()
+        self.bytes_out = 0
+        if self.report.started:
+            self.started.set()
+        if self.report.finished:
+            self.finished.set()
+
+    def job_output(self, data: bytes) -> None:
+        if not data:
+            return
+        self.bytes_out += len(data)
+        self.output_seen.set()
+        self.job_log.write(data)
+        self.job_log.flush()
+        if not self.quiet:
+            try:
+                self.out.write(data)
+                self.out.flush()
+            except (BrokenPipeError, ValueError):
+                self.quiet = True
+
+    def control(self, data: bytes) -> None:
+        if not data:
+            return
+        self.control_log.write(data)
+        self.control_log.flush()
+        for event in self.report.feed(data.decode("utf-8", "replace")):
+            if event["event"] == "started":
+                self.started.set()
+            if event["event"] in ("exited", "timeout"):
+                self.finished.set()
+
+    @property
+    def boot_id(self) -> str | None:
+        ids = self.report.boot_ids
+        return ids[-1] if ids else None
+
+    def close(self) -> None:
+        self.job_log.close()
+        self.control_log.close()
+
+
+def job_exit_status(report: JobReport) -> int:
+    """The runner's exit status once the VM is gone."""
+    if report.timed_out:
+        return EXIT_JOB_TIMEOUT
+    status = report.status
+    if status is None:
+        return EXIT_VM_DIED
+    return status if 0 <= status <= 255 else EXIT_VM_DIED
+
+
+# --------------------------------------------------------------------------- lifecycle
+
+
+class Backend:
+    """One VM. Subclasses implement the coroutines; :func:`drive` calls them."""
+
+    name = "backend"
+
+    def __init__(self, options: RunOptions, streams: JobStreams) -> None:
+        self.options = options
+        self.streams = streams
+        self.exited = asyncio.Event()  # the VM is gone (powered off, crashed, quit)
+
+    async def start(self) -> None:
+        """Boot or resume the VM; return when it runs. RunnerError(90) when it cannot."""
+        raise NotImplementedError
+
+    async def checkpoint(self, leave: bool) -> None:
+        """Save the VM's complete state and publish it. ``leave``: then stop the VM."""
+        raise NotImplementedError
+
+    async def pause(self) -> None:
+        raise NotImplementedError
+
+    async def unpause(self) -> None:
+        raise NotImplementedError
+
+    async def poweroff(self) -> None:
+        """Stop the VM now, without saving."""
+        raise NotImplementedError
+
+    async def finish(self, status: int) -> None:
+        """The job ended and the VM is gone: collect outputs, retire the checkpoint."""
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        """Release everything (called in all cases)."""
+
+
+def log(message: str) -> None:
+    print(f"vmbuild-run: {message}", file=sys.stderr, flush=True)
+
+
+async def drive(backend: Backend, options: RunOptions,
+                install_signals: bool = True) -> int:
+    """Run the VM to the end of the job, a checkpoint-and-exit, a timeout or a failure."""
+    loop = asyncio.get_running_loop()
+    plan = signal_plan(options.checkpoint_signals)
+    requests: asyncio.Queue[signal.Signals] = asyncio.Queue()
+    handled = [*plan.checkpoint, *plan.stop, plan.pause, plan.resume]
+    if install_signals:
+        for sig in handled:
+            loop.add_signal_handler(sig, requests.put_nowait, sig)
+    try:
+        try:
+            await backend.start()
+        except RunnerError as exc:
+            log(str(exc))
+            return exc.exit_code
+        # A signal that arrived while the VM was starting is handled now, below.
+        deadline = None if options.timeout is None else loop.time() + options.timeout
+        periodic = options.checkpoint_every
+        next_periodic = None if periodic is None else loop.time() + periodic
+        paused = False
+        while True:
+            waits: list[float] = [t for t in (deadline, next_periodic) if t is not None]
+            timeout = max(0.0, min(waits) - loop.time()) if waits else None
+            get_sig = asyncio.ensure_future(requests.get())
+            gone = asyncio.ensure_future(backend.exited.wait())
+            done, _ = await asyncio.wait({get_sig, gone}, timeout=timeout,
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if get_sig not in done:
+                get_sig.cancel()
+            if gone not in done:
+                gone.cancel()
+            if backend.exited.is_set():
+                if get_sig in done:  # keep the signal for nobody: the VM is already gone
+                    pass
+                break
+            now = loop.time()
+            if get_sig in done:
+                sig = get_sig.result()
+                if sig in plan.checkpoint:
+                    if backend.streams.finished.is_set():
+                        log(f"{sig.name}: the job has ended; letting the VM power off")
+                        continue
+                    log(f"{sig.name}: checkpointing the VM")
+                    if paused:
+                        paused = False
+                    await backend.checkpoint(leave=True)
+                    log("checkpoint published; exiting")
+                    return options.checkpoint_exit_code
+                if sig in plan.stop:
+                    log(f"{sig.name}: stopping the VM without a checkpoint")
+                    await backend.poweroff()
+                    return 128 + int(sig)
+                if sig == plan.pause and not paused:
+                    await backend.pause()
+                    paused = True
+                    log("VM paused (SIGCONT resumes it)")
+                elif sig == plan.resume and paused:
+                    await backend.unpause()
+                    paused = False
+                    log("VM resumed")
+                continue
+            if deadline is not None and now >= deadline:
+                log(f"the job did not finish within {options.timeout:g}s; stopping the VM")
+                await backend.poweroff()
+                return EXIT_JOB_TIMEOUT
+            if next_periodic is not None and now >= next_periodic:
+                assert periodic is not None
+                if not paused and not backend.streams.finished.is_set():
+                    await backend.checkpoint(leave=False)
+                    if backend.exited.is_set():
+                        break
+                next_periodic = loop.time() + periodic
+        status = job_exit_status(backend.streams.report)
+        if backend.streams.report.finished is None:
+            log("the VM stopped without reporting a job status")
+        await backend.finish(status)
+        return status
+    finally:
+        if install_signals:
+            for sig in handled:
+                loop.remove_signal_handler(sig)
+        await backend.close()
+
+
+def run_backend(factory: Callable[[RunOptions, JobStreams], Backend], options: RunOptions,
+                known_events: list[dict[str, Any]] | None = None) -> int:
+    """Synchronous entry: build the streams and backend, drive them to an exit status."""
+
+    async def main() -> int:
+        options.workdir.mkdir(parents=True, exist_ok=True)
+        streams = JobStreams(options.workdir, quiet=options.quiet, known_events=known_events)
+        try:
+            backend = factory(options, streams)
+            return await drive(backend, options)
+        finally:
+            streams.close()
+
+    try:
+        return asyncio.run(main())
+    except RunnerError as exc:
+        log(str(exc))
+        return exc.exit_code

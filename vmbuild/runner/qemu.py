@@ -1,0 +1,468 @@
+"""The QEMU backend: boots the image's ``.vmx`` machine under QEMU and checkpoints it.
+
+Disks. The image's VMDK is converted once to a qcow2 base in the work directory (QEMU
+refuses to migrate a VM whose disk is a VMDK). Every disk (system, inputs, outputs) is a
+chain of qcow2 layers: frozen layers, each matching a published checkpoint, and one
+writable top layer. The runner builds each chain explicitly with ``-blockdev`` (the backing
+of every layer is given by node name, not read from the file), so a work directory moved to
+another path resumes there; the layer headers name their backing files relatively only so
+that ``qemu-img`` can read a chain too.
+
+Checkpoint. QMP ``stop``; for a periodic checkpoint, every disk's top layer is frozen by
+putting a new empty layer on top of it (``blockdev-add`` + ``blockdev-snapshot``), for a
+checkpoint-and-exit the top layer itself is frozen (the VM never runs again); ``migrate``
+to ``exec:cat > FILE`` saves the VM state, matching the frozen layers exactly; everything is
+fsync'ed and the manifest naming the layers and the state file is published by an atomic
+rename. Resume: ``-incoming defer``, the frozen chains plus a fresh writable layer on each,
+``migrate-incoming`` from the state file, ``cont``. Whatever a killed run wrote after its
+last checkpoint sits in a top layer no manifest names, and is collected at the next start.
+
+QEMU runs in its own session (a terminal's Ctrl-C or a scheduler's signal to the process
+group reaches the runner only, which decides) and dies with the runner (PR_SET_PDEATHSIG).
+The runner waits on QMP events, on the serial sockets and on the child; it never polls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import ctypes.util
+import hashlib
+import json
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from qemu.qmp import QMPClient  # type: ignore[import-untyped,unused-ignore]
+
+from . import jobio
+from .accel import best_accelerator, qemu_binary
+from .contract import EXIT_VM_START_FAILED
+from .core import Backend, JobStreams, RunnerError, RunOptions, Workdir, log
+from .qemu_devices import BLOCKDEV, ExtraDrive, qemu_argv
+from .vmx import VmxError, VmxInfo, load_vmx, vmx_info
+
+PR_SET_PDEATHSIG = 1
+QMP_TIMEOUT = 60.0
+START_TIMEOUT = 120.0  # QEMU up and QMP answering (or an incoming migration done)
+
+
+def _die_with_parent(parent: int) -> None:
+    """preexec_fn: SIGKILL this child when the runner dies, even by SIGKILL."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:  # the runner died before prctl took effect
+        os._exit(1)
+
+
+def _qemu_img() -> str:
+    found = shutil.which("qemu-img")
+    if found is None:
+        raise RunnerError("qemu-img is needed (Debian package qemu-utils)")
+    return found
+
+
+def _img(*args: str) -> str:
+    proc = subprocess.run([_qemu_img(), *args], capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RunnerError(f"qemu-img {args[0]} failed: {proc.stderr.strip()}")
+    return proc.stdout
+
+
+def virtual_size(path: Path) -> int:
+    info = json.loads(_img("info", "--output=json", "-U", str(path)))
+    return int(info["virtual-size"])
+
+
+def create_layer(workdir: Path, name: str, backing: str, size: int) -> None:
+    """A new empty qcow2 ``name`` over ``backing`` (both names in ``workdir``); the backing
+    is recorded relatively and not opened (it may be in use by QEMU)."""
+    _img("create", "-q", "-f", "qcow2", "-u", "-b", backing, "-F", "qcow2",
+         str(workdir / name), str(size))
+
+
+def source_key(path: Path) -> str:
+    """Identifies an image file cheaply (name, size, mtime) for the converted-base cache."""
+    st = path.stat()
+    text = f"{path.name}\0{st.st_size}\0{st.st_mtime_ns}"
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def blockdev_args(workdir: Path, disk: str, layers: list[str], top: str) -> tuple[list[str], str]:
+    """``-blockdev`` arguments for one disk: frozen ``layers`` (bottom first, read-only)
+    and the writable ``top``; returns them and the top node's name."""
+    args: list[str] = []
+    below: str | None = None
+    for index, name in enumerate([*layers, top]):
+        node = f"{disk}-{index}"
+        spec: dict[str, Any] = {
+            "driver": "qcow2", "node-name": node,
+            "file": {"driver": "file", "filename": str(workdir / name)},
+            "backing": below,
+        }
+        if name != top:
+            spec["read-only"] = True
+        else:
+            spec["discard"] = "unmap"
+        args += ["-blockdev", json.dumps(spec, separators=(",", ":"))]
+        below = node
+    assert below is not None
+    return args, below
+
+
+class QemuBackend(Backend):
+    name = "qemu"
+
+    def __init__(self, options: RunOptions, streams: JobStreams) -> None:
+        super().__init__(options, streams)
+        self.wd = Workdir(options.workdir)
+        self.proc: asyncio.subprocess.Process | None = None
+        self.qmp: QMPClient | None = None
+        self.tasks: list[asyncio.Task[Any]] = []
+        self.manifest: dict[str, Any] | None = None
+        # disk name -> {"layers": [frozen...], "size": int}; plus the current top per disk
+        self.chains: dict[str, dict[str, Any]] = {}
+        self.tops: dict[str, str] = {}
+        self.top_nodes: dict[str, str] = {}
+        self.node_count: dict[str, int] = {}
+        self.state_file: str | None = None
+        self.migration: asyncio.Future[str] | None = None
+        self.base_name: str | None = None
+        self.resumed = False
+        self.started_at = time.monotonic()
+        self.elapsed_before = 0.0
+        self.checkpoints = 0
+        self.info: VmxInfo
+        self.pumps: list[asyncio.Task[None]] = []
+        self.watcher: asyncio.Task[None] | None = None
+
+    # ---------------------------------------------------------------- preparation
+
+    def _prepare_disks(self, vmx_path: Path) -> None:
+        wd = self.wd
+        wd.ensure()
+        manifest = wd.load_manifest()
+        info = self.info
+        if manifest is not None:
+            keep = [*_names(manifest)]
+            wd.collect(keep + self._cached_base_names(manifest))
+            self.manifest = manifest
+            self.chains = {d: {"layers": list(c["layers"]), "size": c["size"]}
+                           for d, c in manifest["disks"].items()}
+            self.state_file = manifest["state"]
+            self.resumed = True
+            self.elapsed_before = float(manifest.get("elapsed", 0.0))
+            self.streams.report.events.extend(manifest.get("events", []))
+            if self.streams.report.started:
+                self.streams.started.set()
+            log(f"resuming from checkpoint {manifest.get('sequence')} "
+                f"({len(self.chains)} disks, state {self.state_file})")
+        else:
+            wd.collect(self._cached_base_names(None))
+            if len(info.disks) != 1:
+                raise RunnerError("the QEMU backend runs VMs with exactly one disk")
+            vmdk = vmx_path.parent / info.disks[0].file_name
+            if not vmdk.is_file():
+                raise RunnerError(f"{vmdk}: the VM's disk is missing")
+            base = f"base-{source_key(vmdk)}.qcow2"
+            if not (wd.path / base).is_file():
+                log(f"converting {vmdk.name} to qcow2 (once per work directory)")
+                tmp = wd.path / f".{base}.tmp"
+                fmt = "vmdk" if vmdk.suffix.lower() == ".vmdk" else "raw"
+                _img("convert", "-q", "-f", fmt, "-O", "qcow2", str(vmdk), str(tmp))
+                os.replace(tmp, wd.path / base)
+            self.chains["system"] = {"layers": [{"file": base}],
+                                     "size": virtual_size(wd.path / base)}
+            opts = self.options
+            if opts.inputs or opts.args or opts.env:
+                name = wd.unique("input", ".qcow2")
+                jobio.make_input_disk(wd.path / name, opts.inputs, opts.args, opts.env)
+                self.chains["input"] = {"layers": [{"file": name}],
+                                        "size": virtual_size(wd.path / name)}
+            name = wd.unique("output", ".qcow2")
+            jobio.make_output_disk(wd.path / name, opts.output_size_mib)
+            self.chains["output"] = {"layers": [{"file": name}],
+                                     "size": virtual_size(wd.path / name)}
+        for disk, chain in self.chains.items():
+            top = wd.unique(f"{disk}-layer", ".qcow2")
+            create_layer(wd.path, top, chain["layers"][-1]["file"], chain["size"])
+            self.tops[disk] = top
+
+    def _cached_base_names(self, manifest: dict[str, Any] | None) -> list[str]:
+        """The converted base of the current image is kept (a cache) even when unused."""
+        names = []
+        try:
+            vmdk = self.options.vmx.parent / self.info.disks[0].file_name
+            names.append(f"base-{source_key(vmdk)}.qcow2")
+        except (OSError, IndexError):
+            pass
+        return names
+
+    def _argv(self) -> tuple[list[str], list[int], dict[str, socket.socket]]:
+        binary = qemu_binary()
+        if binary is None:
+            raise RunnerError("qemu-system-x86_64 is not installed")
+        blockdevs: list[str] = []
+        for disk, chain in self.chains.items():
+            args, node = blockdev_args(self.wd.path, disk,
+                                       [layer["file"] for layer in chain["layers"]],
+                                       self.tops[disk])
+            blockdevs += args
+            self.top_nodes[disk] = node
+            self.node_count[disk] = len(chain["layers"]) + 1
+        extra = [ExtraDrive(self.top_nodes[d], BLOCKDEV, False)
+                 for d in ("input", "output") if d in self.chains]
+        ours: dict[str, socket.socket] = {}
+        theirs: list[int] = []
+        for name in ("qmp", "job", "control"):
+            mine, child = socket.socketpair()
+            ours[name] = mine
+            theirs.append(child.fileno())
+            ours[name + "-child"] = child
+        serial = ["chardev:file,path=" + str(self.wd.path / "console.log").replace(",", ",,")
+                  + ",append=on",
+                  f"chardev:socket,fd={ours['job-child'].fileno()}",
+                  f"chardev:socket,fd={ours['control-child'].fileno()}"]
+        accel = self.options.accel or best_accelerator()
+        devices = qemu_argv(self.info, self.options.vmx.parent,
+                            disk_override={self.info.disks[0].file_name:
+                                           (self.top_nodes["system"], BLOCKDEV)},
+                            serial_paths=serial, extra_drives=extra, accel=accel)
+        argv = [binary, "-name", f"vmbuild-run,process=vmbuild-run-{self.info.display_name}",
+                *blockdevs, *devices,
+                "-chardev", f"socket,id=qmp,fd={ours['qmp-child'].fileno()}",
+                "-mon", "chardev=qmp,mode=control",
+                "-S", "-no-reboot"]
+        if self.resumed:
+            argv += ["-incoming", "defer"]
+        return argv, theirs, ours
+
+    # ---------------------------------------------------------------- lifecycle
+
+    async def start(self) -> None:
+        vmx_path = self.options.vmx
+        try:
+            self.info = vmx_info(load_vmx(vmx_path))
+        except (OSError, VmxError) as exc:
+            raise RunnerError(f"{vmx_path}: {exc}", 2) from exc
+        await asyncio.to_thread(self._prepare_disks, vmx_path)
+        argv, child_fds, socks = self._argv()
+        parent = os.getpid()
+        try:
+            self.proc = await asyncio.create_subprocess_exec(
+                *argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                stderr=open(self.wd.path / "runner.log", "ab"),  # noqa: SIM115
+                pass_fds=child_fds, start_new_session=True,
+                preexec_fn=lambda: _die_with_parent(parent))
+        except OSError as exc:
+            raise RunnerError(f"cannot start QEMU: {exc}") from exc
+        finally:
+            for name in ("qmp-child", "job-child", "control-child"):
+                socks.pop(name).close()
+        self.pumps = [asyncio.create_task(self._pump(socks["job"], self.streams.job_output)),
+                      asyncio.create_task(self._pump(socks["control"], self.streams.control))]
+        self.watcher = asyncio.create_task(self._watch_process())
+        self.tasks += [*self.pumps, self.watcher]
+        qmp = QMPClient("vmbuild-run")
+        self.qmp = qmp
+        try:
+            await asyncio.wait_for(qmp.connect(socks["qmp"]), START_TIMEOUT)
+        except Exception as exc:
+            await self._kill()
+            raise RunnerError(f"QEMU did not start: {exc} (see {self.wd.path}/runner.log)",
+                              EXIT_VM_START_FAILED) from exc
+        self.tasks.append(asyncio.create_task(self._events()))
+        await self._cmd("migrate-set-capabilities",
+                        capabilities=[{"capability": "events", "state": True}])
+        await self._cmd("migrate-set-parameters", **{"max-bandwidth": 1 << 40})
+        if self.resumed:
+            assert self.state_file is not None
+            state = self.wd.path / self.state_file
+            self.migration = asyncio.get_running_loop().create_future()
+            await self._cmd("migrate-incoming", uri="exec:cat " + shlex.quote(str(state)))
+            status = await self._migration_done()
+            if status != "completed":
+                await self._kill()
+                raise RunnerError(f"resuming the saved VM state failed ({status})")
+        await self._cmd("cont")
+        log(("resumed" if self.resumed else "started") + f" the VM under QEMU ({argv[0]})")
+
+    async def _cmd(self, name: str, **args: Any) -> Any:
+        if self.qmp is None:
+            raise RunnerError("QEMU is not running")
+        try:
+            return await asyncio.wait_for(self.qmp.execute(name, args or None), QMP_TIMEOUT)
+        except Exception as exc:
+            if self.exited.is_set():
+                raise RunnerError(f"QEMU is gone ({name})", EXIT_VM_START_FAILED) from exc
+            raise RunnerError(f"QMP {name} failed: {exc}") from exc
+
+    async def _events(self) -> None:
+        assert self.qmp is not None
+        with contextlib.suppress(Exception):
+            async for event in self.qmp.events:
+                data: dict[str, Any] = dict(event)
+                if data["event"] == "MIGRATION":
+                    status = str(data["data"]["status"])
+                    if status in ("completed", "failed", "cancelled") and \
+                            self.migration is not None and not self.migration.done():
+                        self.migration.set_result(status)
+
+    async def _migration_done(self) -> str:
+        assert self.migration is not None
+        gone = asyncio.ensure_future(self.exited.wait())
+        waiting: set[asyncio.Future[Any]] = {self.migration, gone}
+        await asyncio.wait(waiting,
+                           return_when=asyncio.FIRST_COMPLETED)
+        gone.cancel()
+        if self.migration.done():
+            return self.migration.result()
+        return "qemu-exited"
+
+    async def _pump(self, sock: socket.socket, sink: Any) -> None:
+        reader, writer = await asyncio.open_connection(sock=sock)
+        try:
+            while True:
+                data = await reader.read(65536)
+                if not data:
+                    return
+                sink(data)
+        finally:
+            writer.close()
+
+    async def _watch_process(self) -> None:
+        assert self.proc is not None
+        await self.proc.wait()
+        # Let the serial pumps drain what QEMU wrote before it went.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.gather(*self.pumps, return_exceptions=True), 5)
+        self.exited.set()
+
+    async def _kill(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
+            await self.proc.wait()
+        if self.watcher is not None:
+            await self.exited.wait()
+
+    # ---------------------------------------------------------------- checkpoints
+
+    async def checkpoint(self, leave: bool) -> None:
+        t0 = time.monotonic()
+        try:
+            await self._cmd("stop")
+        except RunnerError:
+            if self.exited.is_set():
+                return  # it powered off on its own: the job ended, nothing to save
+            raise
+        await asyncio.sleep(0.05)  # let the control pump take what the guest sent before
+        frozen = {d: self.tops[d] for d in self.chains}
+        if not leave:
+            for disk, chain in self.chains.items():
+                new = self.wd.unique(f"{disk}-layer", ".qcow2")
+                await asyncio.to_thread(create_layer, self.wd.path, new, self.tops[disk],
+                                        chain["size"])
+                node = f"{disk}-{self.node_count[disk]}"
+                self.node_count[disk] += 1
+                await self._cmd("blockdev-add", **{
+                    "driver": "qcow2", "node-name": node, "discard": "unmap",
+                    "file": {"driver": "file", "filename": str(self.wd.path / new)},
+                    "backing": None})
+                await self._cmd("blockdev-snapshot", node=self.top_nodes[disk], overlay=node)
+                self.top_nodes[disk] = node
+                self.tops[disk] = new
+        state = self.wd.unique("state", ".mig")
+        self.migration = asyncio.get_running_loop().create_future()
+        await self._cmd("migrate",
+                        uri="exec:cat > " + shlex.quote(str(self.wd.path / state)))
+        status = await self._migration_done()
+        if status != "completed":
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.wd.path / state)
+            raise RunnerError(f"saving the VM state failed ({status})")
+        previous_state = self.state_file
+        for disk, chain in self.chains.items():
+            chain["layers"].append({"file": frozen[disk]})
+        self.state_file = state
+        self.checkpoints += 1
+        sequence = (self.manifest or {}).get("sequence", 0) + 1
+        manifest = {
+            "sequence": sequence,
+            "backend": "qemu",
+            "state": state,
+            "disks": self.chains,
+            "events": self.streams.report.events,
+            "boot_id": self.streams.boot_id,
+            "elapsed": self.elapsed_before + time.monotonic() - self.started_at,
+            "memory_mib": self.info.memory_mib,
+            "vmx": self.options.vmx.name,
+        }
+        await asyncio.to_thread(self.wd.publish, manifest)
+        self.manifest = manifest
+        if previous_state and previous_state != state:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.wd.path / previous_state)
+        size = sum((self.wd.path / n).stat().st_size for n in _names(manifest))
+        log(f"checkpoint {sequence} published in {time.monotonic() - t0:.1f}s "
+            f"({size / 1048576:.0f} MiB in the work directory)")
+        if leave:
+            await self._quit()
+        else:
+            await self._cmd("cont")
+
+    async def _quit(self) -> None:
+        with contextlib.suppress(RunnerError):
+            await self._cmd("quit")
+        assert self.proc is not None
+        try:
+            await asyncio.wait_for(self.proc.wait(), 30)
+        except TimeoutError:
+            await self._kill()
+
+    async def pause(self) -> None:
+        await self._cmd("stop")
+
+    async def unpause(self) -> None:
+        await self._cmd("cont")
+
+    async def poweroff(self) -> None:
+        await self._quit()
+
+    async def finish(self, status: int) -> None:
+        out = self.options.output_dir
+        if out is not None and "output" in self.tops:
+            try:
+                files = await asyncio.to_thread(
+                    jobio.extract_outputs, self.wd.path / self.tops["output"], out)
+                log(f"{len(files)} output file(s) copied to {out}")
+            except RunnerError as exc:
+                log(f"could not copy the outputs: {exc}")
+        result = {"status": status, "events": self.streams.report.events,
+                  "finished": time.time()}
+        (self.wd.path / "result.json").write_text(json.dumps(result, indent=1) + "\n")
+        self.wd.retire()
+        self.wd.collect(self._cached_base_names(None))
+
+    async def close(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            await self._kill()
+        if self.qmp is not None:
+            with contextlib.suppress(Exception):
+                await self.qmp.disconnect()
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+
+def _names(manifest: dict[str, Any]) -> list[str]:
+    from .core import manifest_files
+
+    return manifest_files(manifest)

@@ -1,0 +1,234 @@
+"""The HTCondor submit description for a VM job: a vanilla-universe job around the runner.
+
+HTCondor removed VMware from its VM universe (9.12, 2022), so the VM runs inside an ordinary
+vanilla job whose executable is the runner bundle. What keeps a preempted VM from being lost:
+
+* ``kill_sig`` (SIGUSR1) makes the runner suspend the VM to disk and exit 85;
+* ``job_max_vacate_time`` gives that suspend the time it needs before HTCondor's hard kill
+  (from :mod:`vmbuild.schedulers.estimate`);
+* ``when_to_transfer_output = ON_EXIT_OR_EVICT`` sends the job directory (checkpoint +
+  outputs) back on eviction, and HTCondor brings it into the next sandbox;
+* ``checkpoint_exit_code = 85`` + ``transfer_checkpoint_files`` keep a checkpoint the runner
+  takes and exits with, so the job restarts from it;
+* the base image travels in, never back: only the job directory is in the output lists.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from vmbuild import __version__
+from vmbuild.schedulers.image import ImageFacts, SchedulerError, image_facts
+from vmbuild.schedulers.options import CHECKPOINT_EXIT_CODE, SubmitOptions
+
+JOB_DIR = "vmbuild.$(Cluster).$(Process)"  # work dir + outputs; per job, stable across restarts
+ITEM_VAR = "vmbuild_input"
+_SIGNALS = frozenset({"SIGUSR1", "SIGUSR2", "SIGTERM", "SIGQUIT", "SIGINT", "SIGHUP"})
+
+
+def condor_arguments(argv: Iterable[str]) -> str:
+    """Quote ``argv`` in the submit file's new ``arguments`` syntax (``"a 'b c' d"``)."""
+    parts = []
+    for arg in argv:
+        text = arg.replace('"', '""')
+        if not text or any(ch.isspace() for ch in text) or "'" in text:
+            text = "'" + text.replace("'", "''") + "'"
+        parts.append(text)
+    return '"' + " ".join(parts) + '"'
+
+
+def classad_string(text: str) -> str:
+    """A ClassAd string literal."""
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _transfer_name(path: str, what: str) -> str:
+    if not path or "," in path or any(ch.isspace() for ch in path):
+        raise SchedulerError(f"{what} {path!r}: HTCondor transfer lists cannot hold names with "
+                             "commas or white space; rename it")
+    return path
+
+
+def _relative(path: Path, submit_dir: Path) -> str:
+    """``path`` as condor_submit (run in ``submit_dir``) should see it: relative when both
+    share a directory below the root (the pair can move together), else absolute."""
+    target, base = path.resolve(), submit_dir.resolve()
+    if os.path.commonpath([target, base]) == target.anchor:
+        return str(target)
+    return os.path.relpath(target, base)
+
+
+def requirements_expr(options: SubmitOptions) -> str:
+    """Match only machines whose probe (STARTD_CRON) says they can run the VM."""
+    if options.backend == "qemu":
+        hypervisor = "TARGET.VMBUILD_QEMU =?= true"
+    elif options.backend == "vmware":
+        hypervisor = "TARGET.VMBUILD_VMWARE =?= true"
+    elif options.backend in (None, "auto"):
+        hypervisor = "(TARGET.VMBUILD_QEMU =?= true || TARGET.VMBUILD_VMWARE =?= true)"
+    else:
+        raise SchedulerError(f"backend {options.backend!r}: expected qemu or vmware")
+    terms = [hypervisor]
+    if options.require_kvm:
+        terms.append("TARGET.VMBUILD_KVM =?= true")
+    if options.min_probe_version:
+        terms.append(f"versioncmp(TARGET.VMBUILD_RUNNER_VERSION, "
+                     f"{classad_string(options.min_probe_version)}) >= 0")
+    else:
+        terms.append("TARGET.VMBUILD_RUNNER_VERSION =!= undefined")
+    return " && ".join(terms)
+
+
+def runner_argv(facts: ImageFacts, options: SubmitOptions, job_dir: str,
+                inputs: Sequence[str]) -> list[str]:
+    """The runner's command line inside the sandbox (all paths relative to it)."""
+    argv = ["run", facts.vmx.name, "--workdir", f"{job_dir}/work",
+            "--output-dir", f"{job_dir}/outputs"]
+    if options.backend and options.backend != "auto":
+        argv += ["--backend", options.backend]
+    for item in inputs:
+        argv += ["--input", item]
+    if options.checkpoint_every:
+        argv += ["--checkpoint-every", options.checkpoint_every]
+    argv += list(options.runner_args)
+    return argv
+
+
+def _extra_lines(extra: Iterable[str]) -> list[str]:
+    lines = []
+    for raw in extra:
+        line = raw.strip()
+        if "=" not in line or not line.split("=", 1)[0].strip():
+            raise SchedulerError(f"extra submit line {raw!r}: expected 'key = value'")
+        if line.split("=", 1)[0].strip().lower() == "queue":
+            raise SchedulerError("extra submit lines cannot hold 'queue': use --queue/--item")
+        lines.append(line)
+    return lines
+
+
+def render_submit(vmx: str | Path, options: SubmitOptions | None = None, *,
+                  submit_dir: str | Path | None = None,
+                  facts: ImageFacts | None = None) -> str:
+    """The submit description for the image at ``vmx`` (its ``.vmx`` or its directory).
+
+    Paths in the file are relative to ``submit_dir`` (default: the current directory), where
+    condor_submit is to be run; the runner bundle is expected there as ``options.bundle``.
+    """
+    options = options or SubmitOptions()
+    submit_dir = Path(submit_dir) if submit_dir is not None else Path.cwd()
+    facts = facts or image_facts(_find_vmx(vmx))
+    if options.kill_sig.upper() not in _SIGNALS:
+        raise SchedulerError(f"kill signal {options.kill_sig!r}: the runner checkpoints on "
+                             "SIGUSR1, SIGTERM or SIGQUIT")
+    if options.queue < 1:
+        raise SchedulerError("--queue must be at least 1")
+    for image_file in facts.files:
+        if image_file.parent != facts.vmx.parent:
+            raise SchedulerError(f"{image_file}: HTCondor puts every input file in one directory; "
+                                 "keep the image's files beside its .vmx")
+    estimate = options.estimate(facts.memory_mib)
+
+    transfer_in = [_transfer_name(_relative(p, submit_dir), "image file") for p in facts.files]
+    inputs: list[str] = []
+    inputs_bytes = 0
+    for given in options.inputs:
+        path = Path(given)
+        if not path.exists():
+            raise SchedulerError(f"input {given}: no such file or directory")
+        transfer_in.append(_transfer_name(_relative(path, submit_dir).rstrip("/"), "input"))
+        inputs.append(_transfer_name(path.resolve().name, "input"))
+        inputs_bytes += _size(path)
+    items = [_transfer_name(_relative(Path(item), submit_dir) if Path(item).exists()
+                            else item, "item") for item in options.item_inputs]
+    if items:
+        transfer_in.append(f"$({ITEM_VAR})")
+        inputs.append(f"$Fnx({ITEM_VAR})")
+
+    argv = runner_argv(facts, options, JOB_DIR, inputs)
+    name = options.job_name or facts.name
+    memory = options.memory_request(facts.memory_mib)
+    disk = options.disk_request_mib(facts, inputs_bytes)
+    cpus = options.request_cpus or facts.cpus
+
+    out: list[str] = []
+
+    def put(key: str, value: object, comment: str | None = None) -> None:
+        if comment and options.comments:
+            out.append(f"# {comment}")
+        out.append(f"{key:<25} = {value}")
+
+    if options.comments:
+        out += [
+            f"# HTCondor submit description for the VM image {facts.name!r}, written by "
+            f"vmbuild {__version__}.",
+            f"# Guest: {facts.memory_mib} MiB, {facts.cpus} vCPU; image files "
+            f"{facts.size_bytes / 2**20:.0f} MiB.",
+            f"# Run condor_submit in this directory (beside {options.bundle}).",
+            "",
+        ]
+    put("universe", "vanilla",
+        "The VM runs inside a vanilla job: the runner bundle is the executable.")
+    put("executable", options.bundle)
+    put("transfer_executable", "true")
+    put("arguments", condor_arguments(argv))
+    put("+VmbuildImage", classad_string(facts.name))
+    out.append("")
+    put("kill_sig", options.kill_sig.upper(),
+        f"On eviction the runner gets {options.kill_sig.upper()}, suspends the VM to disk and "
+        f"exits {CHECKPOINT_EXIT_CODE}.")
+    put("job_max_vacate_time", estimate.seconds,
+        f"Time between that signal and the hard kill: {estimate.explain()}.")
+    out.append("")
+    put("should_transfer_files", "YES",
+        "The image travels in; only the job directory (checkpoint + outputs) travels back.")
+    put("when_to_transfer_output", "ON_EXIT_OR_EVICT")
+    put("transfer_input_files", ", ".join(transfer_in))
+    put("transfer_output_files", JOB_DIR)
+    put("checkpoint_exit_code", CHECKPOINT_EXIT_CODE,
+        "A runner that checkpoints and exits 85 is restarted from that checkpoint.")
+    put("transfer_checkpoint_files", JOB_DIR)
+    out.append("")
+    put("request_cpus", cpus, "Guest resources plus the hypervisor's overhead.")
+    put("request_memory", f"{memory}M")
+    put("request_disk", f"{disk}M")
+    put("requirements", requirements_expr(options),
+        "Machines whose vmbuild probe (STARTD_CRON) found a usable hypervisor.")
+    out.append("")
+    put("+WantIOProxy", "true", "Lets the runner report the guest's load with condor_chirp.")
+    put("log", f"{name}.$(Cluster).log")
+    put("output", f"{name}.$(Cluster).$(Process).out")
+    put("error", f"{name}.$(Cluster).$(Process).err")
+    extra = _extra_lines(options.extra)
+    if extra:
+        out.append("")
+        if options.comments:
+            out.append("# Extra lines given to vmbuild submit.")
+        out += extra
+    out.append("")
+    if items:
+        count = f"{options.queue} " if options.queue > 1 else ""
+        out.append(f"queue {count}{ITEM_VAR} from (")
+        out += [f"    {item}" for item in items]
+        out.append(")")
+    else:
+        out.append(f"queue {options.queue}" if options.queue > 1 else "queue")
+    return "\n".join(out) + "\n"
+
+
+def _size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _find_vmx(path: str | Path) -> Path:
+    """``path`` itself, or the one ``.vmx`` in the directory ``path``."""
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    found = sorted(path.glob("*.vmx"))
+    if len(found) != 1:
+        raise SchedulerError(f"{path}: expected exactly one .vmx file, found {len(found)}")
+    return found[0]
