@@ -53,7 +53,7 @@ def test_plain_qemu_boot_runs_the_job_and_powers_off(hello_vmx: Path, tmp_path: 
     assert proc.returncode == 0, proc.stderr
     assert "hello from the guest" in logs[1].read_text()
     events = [json.loads(line) for line in logs[2].read_text().splitlines() if line.strip()]
-    assert [e["event"] for e in events][0] == "started"
+    assert events[0]["event"] == "started"
     assert events[-1]["event"] == "exited" and events[-1]["status"] == 0
 
 

@@ -86,7 +86,8 @@ def _report(*lines: dict[str, object]) -> JobReport:
 
 
 def test_job_exit_status() -> None:
-    assert core.job_exit_status(_report({"event": "started"}, {"event": "exited", "status": 3})) == 3
+    done = _report({"event": "started"}, {"event": "exited", "status": 3})
+    assert core.job_exit_status(done) == 3
     assert core.job_exit_status(_report({"event": "started"})) == EXIT_VM_DIED
     assert core.job_exit_status(_report({"event": "timeout", "status": 124})) == EXIT_JOB_TIMEOUT
     assert core.job_exit_status(_report({"event": "exited", "status": 999})) == EXIT_VM_DIED

@@ -61,6 +61,7 @@ class PackerJob:
     provision_spec: Path
     console_log: Path
     ovmf: str | None = None
+    python: str = sys.executable  # runs vmbuild.provision from Packer's shell-local step
 
 
 def packer_version(binary: str = "packer") -> PackerVersion:
@@ -123,7 +124,7 @@ def _provisioner(job: PackerJob, host: str, port: str) -> dict[str, Any]:
             f"VMBUILD_SSH_HOST={host}",
             f"VMBUILD_SSH_PORT={port}",
             f"VMBUILD_PROVISION_SPEC={job.provision_spec}",
-            f"VMBUILD_PYTHON={sys.executable}",
+            f"VMBUILD_PYTHON={job.python}",
         ],
         "inline": ['exec "$VMBUILD_PYTHON" -m vmbuild.provision "$VMBUILD_PROVISION_SPEC"'],
     }
@@ -277,3 +278,31 @@ class PackerRun:
                 emit(event)
         elif kind == "error" and data:
             self.errors.append(data[0])
+
+
+def reference_job() -> PackerJob:
+    """A job with placeholder paths, rendered into packer/ as readable reference templates."""
+    build = Path("/BUILD")
+    return PackerJob(
+        name="hello", disk=build / "app-input.qcow2", output_dir=build / "packer-output",
+        disk_size_mib=4096, memory_mib=1024, cpus=2, firmware="bios", accelerator="tcg",
+        ssh_key=build / "keys/build_key", host_key=build / "keys/host_key",
+        provision_spec=build / "provision.json", console_log=build / "build-console.log",
+        python="/usr/bin/python3")
+
+
+def write_reference_templates(directory: Path) -> list[Path]:
+    """Regenerate packer/*.json (a test checks they match what builds really use)."""
+    written = []
+    for version in (PackerVersion(1, 6, 6), PackerVersion(1, 11, 0)):
+        name, template = render_template(reference_job(), version)
+        path = directory / name.replace("template", "app-stage")
+        path.write_text(json.dumps(template, indent=2, sort_keys=True) + "\n")
+        written.append(path)
+    return written
+
+
+if __name__ == "__main__":
+    for written_path in write_reference_templates(Path(sys.argv[1] if len(sys.argv) > 1
+                                                       else "packer")):
+        print(written_path)
