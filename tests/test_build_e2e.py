@@ -173,3 +173,42 @@ def test_ctrl_c_stops_packer_and_leaves_nothing(hello_vmx: Path, tmp_path: Path)
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".vmbuild-")]
     assert _qemu_processes_using(tmp_path) == []
+
+
+def test_efi_nvme_image_boots(images_dir: Path, tmp_path: Path) -> None:
+    """firmware: efi puts GRUB on an ESP; the validation boot (OVMF, NVMe) must run the job."""
+    project = tmp_path / "efi"
+    project.mkdir()
+    (project / "recipe.yaml").write_text(
+        "version: 1\nname: efi-hello\nguest:\n  firmware: efi\n"
+        "output:\n  disk_controller: nvme\n"
+        "job:\n  command: [/bin/sh, -c, 'test -d /sys/firmware/efi && echo booted by UEFI']\n")
+    vmx = built_image(images_dir, project / "recipe.yaml", "efi-hello")
+    manifest = json.loads((vmx.parent / "manifest.json").read_text())
+    assert manifest["validated"] is True
+    text = vmx.read_text()
+    assert 'firmware = "efi"' in text and 'nvme0.present = "TRUE"' in text
+    proc = run_vmbuild("validate", vmx, "--json")
+    assert proc.returncode == 0, proc.stderr
+    output = [json.loads(line)["message"] for line in proc.stdout.splitlines()
+              if json.loads(line).get("kind") == "output"]
+    assert output == ["booted by UEFI"]  # no firmware noise from the other serial ports
+
+
+def test_failed_task_is_reported_with_its_name_and_stderr(tmp_path: Path) -> None:
+    project = tmp_path / "broken"
+    project.mkdir()
+    (project / "recipe.yaml").write_text(
+        "version: 1\nname: broken\nextends: debian-12-minimal\n"
+        "application:\n  run:\n    - echo step one\n"
+        "    - echo 'the compiler said no' >&2; exit 4\n"
+        "job:\n  command: echo never\n")
+    out = tmp_path / "out"
+    proc = run_vmbuild(project / "recipe.yaml", "-o", out)
+    assert proc.returncode == 1
+    assert "task failed: run: echo 'the compiler said no' >&2; exit 4" in proc.stderr
+    assert "the compiler said no" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".vmbuild-")]
+    assert _qemu_processes_using(tmp_path) == []

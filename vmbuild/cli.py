@@ -27,6 +27,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="Build a validated VMware job image from a YAML recipe, and run it like a process.\n\n"
          "`vmbuild RECIPE.yaml` is shorthand for `vmbuild build RECIPE.yaml`.",
+    epilog="Exit statuses of build/check/validate: 0 ok; 1 build failed; 2 bad input "
+           "(recipe, option, path); 3 validation failed; 130 interrupted.",
 )
 
 _START = time.monotonic()
@@ -59,6 +61,11 @@ class Presenter:
             print(json.dumps({"result": payload}), flush=True)
         else:
             print(text, flush=True)
+
+
+def _interrupt(_signum: int, _frame: object) -> None:
+    """SIGTERM (a CI job cancelled) takes the same clean path as Ctrl-C."""
+    raise KeyboardInterrupt
 
 
 def _fail(exc: VmbuildError, presenter: Presenter | None = None) -> None:
@@ -99,7 +106,7 @@ def build(
         options = BuildOptions(output_dir=out, validate=not no_validate,
                                boot_timeout=boot_timeout, refresh_base=refresh_base,
                                keep_work=keep_work)
-        signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+        signal.signal(signal.SIGTERM, _interrupt)
         result = build_image(loaded, options, presenter)
     except VmbuildError as exc:
         _fail(exc, presenter)

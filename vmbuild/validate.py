@@ -17,7 +17,13 @@ from pathlib import Path
 from vmbuild.errors import UsageError, ValidationError
 from vmbuild.events import Event, Reporter, Stage
 from vmbuild.runner.accel import best_accelerator, qemu_binary
-from vmbuild.runner.contract import CONSOLE_LOG, CONTROL_LOG, JOB_LOG, parse_control
+from vmbuild.runner.contract import (
+    CONSOLE_LOG,
+    CONTROL_LOG,
+    JOB_LOG,
+    JobOutputFilter,
+    parse_control,
+)
 from vmbuild.runner.qemu_devices import qemu_argv
 from vmbuild.runner.vmx import load_vmx, vmx_info
 from vmbuild.vmware import lint_vmx
@@ -71,6 +77,9 @@ def _watch(argv: list[str], logs: list[Path], report: Reporter, timeout: float) 
     console, job, control = logs
     started = time.monotonic()
     shown = 0
+    output = JobOutputFilter()
+    job_output = ""
+    pending_line = ""
     powered_off = False
     with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as proc:
         while True:
@@ -79,11 +88,14 @@ def _watch(argv: list[str], logs: list[Path], report: Reporter, timeout: float) 
                 powered_off = True
             except subprocess.TimeoutExpired:
                 pass
-            text = job.read_bytes()
-            if len(text) > shown:
-                for line in text[shown:].decode(errors="replace").splitlines():
-                    report(Event("validate", "output", line))
-                shown = len(text)
+            data = job.read_bytes()
+            if len(data) > shown:
+                fresh = output.feed(data[shown:].decode(errors="replace"))
+                shown = len(data)
+                job_output += fresh
+                *lines, pending_line = (pending_line + fresh).split("\n")
+                for line in lines:
+                    report(Event("validate", "output", line.rstrip("\r")))
             if powered_off:
                 break
             if time.monotonic() - started > timeout:
@@ -91,13 +103,14 @@ def _watch(argv: list[str], logs: list[Path], report: Reporter, timeout: float) 
                 proc.wait()
                 break
         qemu_said = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
+    if pending_line:
+        report(Event("validate", "output", pending_line))
     seconds = time.monotonic() - started
     result = parse_control(control.read_text(errors="replace"))
     tail = console.read_text(errors="replace")[-3000:]
     if powered_off and proc.returncode != 0:
         tail += "\nQEMU: " + qemu_said.strip()
-    return BootResult(result.status, powered_off, seconds,
-                      job.read_text(errors="replace"), tail, result.events)
+    return BootResult(result.status, powered_off, seconds, job_output, tail, result.events)
 
 
 def validate_image(vmx: Path, report: Reporter, *, boot_test: bool = True,

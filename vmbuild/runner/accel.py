@@ -11,6 +11,7 @@ Standard library only: the runner ships alone to execute nodes.
 from __future__ import annotations
 
 import functools
+import json
 import os
 import shutil
 import subprocess
@@ -53,8 +54,43 @@ def kvm_works(timeout: float = PROBE_TIMEOUT) -> bool:
 
 @functools.cache
 def best_accelerator() -> str:
-    """`kvm` when it really runs guests here, else `tcg`; VMBUILD_ACCEL overrides the probe."""
+    """`kvm` when it really runs guests here, else `tcg`; VMBUILD_ACCEL overrides the probe.
+
+    The verdict is cached on disk per host kernel and QEMU binary, so a resumed job does not
+    pay for the probe again; a new kernel or QEMU probes afresh.
+    """
     forced = os.environ.get("VMBUILD_ACCEL")
     if forced in ("kvm", "tcg"):
         return forced
-    return "kvm" if kvm_works() else "tcg"
+    key = _probe_key()
+    cache = _cache_file()
+    try:
+        cached = json.loads(cache.read_text())
+        if cached.get("key") == key and cached.get("accel") in ("kvm", "tcg"):
+            return str(cached["accel"])
+    except (OSError, ValueError, AttributeError):
+        pass
+    accel = "kvm" if kvm_works() else "tcg"
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(f".{cache.name}.{os.getpid()}")
+        tmp.write_text(json.dumps({"key": key, "accel": accel}))
+        os.replace(tmp, cache)
+    except OSError:
+        pass  # a read-only home only costs the probe next time
+    return accel
+
+
+def _cache_file() -> Path:
+    root = os.environ.get("VMBUILD_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "vmbuild")
+    return Path(root) / "accel.json"
+
+
+def _probe_key() -> str:
+    binary = qemu_binary() or ""
+    try:
+        stamp = os.stat(binary).st_mtime_ns if binary else 0
+    except OSError:
+        stamp = 0
+    return f"{os.uname().release}|{binary}|{stamp}|{os.access('/dev/kvm', os.W_OK)}"

@@ -15,6 +15,10 @@ CONSOLE_LOG = "console.log"  # COM1 / ttyS0: kernel and system console
 JOB_LOG = "job.log"  # COM2 / ttyS1: the job's stdout and stderr
 CONTROL_LOG = "control.log"  # COM3 / ttyS2: JSON lines from the wrapper only
 
+# The wrapper writes this line on COM2 right before the job starts; anything before it on
+# COM2 is firmware noise (OVMF mirrors its console to every serial port), never job output.
+JOB_OUTPUT_MARKER = "=== vmbuild: job output follows ===\n"
+
 INPUT_LABEL = "VMBINPUT"
 OUTPUT_LABEL = "VMBOUTPUT"
 
@@ -86,3 +90,29 @@ def parse_control(text: str) -> JobReport:
     report = JobReport()
     report.feed(text + "\n")
     return report
+
+
+class JobOutputFilter:
+    """Pass COM2 text through, minus whatever came before the wrapper's start marker.
+
+    `started=True` is for a VM resumed from a checkpoint taken after the job had started:
+    its COM2 carries only job output from the first byte.
+    """
+
+    def __init__(self, started: bool = False) -> None:
+        self.started = started
+        self._pending = ""
+
+    def feed(self, text: str) -> str:
+        if self.started:
+            return text
+        self._pending += text
+        index = self._pending.find(JOB_OUTPUT_MARKER)
+        if index < 0:
+            # Keep only a tail long enough to hold a marker split across reads.
+            self._pending = self._pending[-len(JOB_OUTPUT_MARKER):]
+            return ""
+        self.started = True
+        rest = self._pending[index + len(JOB_OUTPUT_MARKER):]
+        self._pending = ""
+        return rest

@@ -1,0 +1,92 @@
+"""The in-guest job wrapper (vmbuild/guest/vmbuild-job), exercised on the host.
+
+Its serial ports are replaced by plain files through the test-only environment overrides, so
+these tests see exactly the bytes the runner would read from COM2 and COM3.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from vmbuild.playbook import job_config
+from vmbuild.recipe import load_recipe
+from vmbuild.runner.contract import JobOutputFilter, parse_control
+
+WRAPPER = Path(__file__).resolve().parents[1] / "vmbuild" / "guest" / "vmbuild-job"
+
+
+def run_wrapper(tmp_path: Path, config: dict[str, Any]) -> tuple[int, str, list[dict[str, Any]]]:
+    job_port, control_port = tmp_path / "job.log", tmp_path / "control.log"
+    job_port.write_bytes(b"")
+    control_port.write_bytes(b"")
+    cfg = tmp_path / "job.json"
+    cfg.write_text(json.dumps(config))
+    env = dict(os.environ, VMBUILD_JOB_PORT=str(job_port),
+               VMBUILD_CONTROL_PORT=str(control_port), VMBUILD_NO_DISKS="1")
+    proc = subprocess.run([sys.executable, str(WRAPPER), str(cfg)], env=env,
+                          capture_output=True, timeout=120)
+    output = JobOutputFilter().feed(job_port.read_text())
+    return proc.returncode, output, parse_control(control_port.read_text()).events
+
+
+def config(**overrides: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {"name": "t", "command": ["/bin/true"], "workdir": "/",
+                            "user": "root", "environment": {}, "timeout": None,
+                            "network": False, "outputs": None}
+    return {**base, **overrides}
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the wrapper switches users: run as root")
+class TestWrapper:
+    def test_exit_status_is_reported_on_the_control_port(self, tmp_path: Path) -> None:
+        status, output, events = run_wrapper(tmp_path, config(
+            command=["/bin/sh", "-c", "echo out; echo err >&2; exit 7"]))
+        assert status == 7
+        assert output == "out\nerr\n"
+        assert [e["event"] for e in events] == ["started", "exited"]
+        assert events[-1]["status"] == 7
+
+    def test_argv_environment_and_workdir_arrive_verbatim(self, tmp_path: Path) -> None:
+        tricky = "it's \"q\" $HOME %h ; `id` {{ x }}\nline2"
+        status, output, _ = run_wrapper(tmp_path, config(
+            command=[sys.executable, "-c",
+                     "import json,os,sys; print(json.dumps([sys.argv[1:], os.environ['T'], "
+                     "os.getcwd()]))", tricky],
+            environment={"T": tricky}, workdir=str(tmp_path)))
+        assert status == 0
+        assert json.loads(output) == [[tricky], tricky, str(tmp_path)]
+
+    def test_timeout_kills_the_job_and_says_so(self, tmp_path: Path) -> None:
+        status, _, events = run_wrapper(tmp_path, config(
+            command=["/bin/sh", "-c", "echo start; sleep 60"], timeout=1))
+        assert status == 124
+        assert events[-1]["event"] == "timeout" and events[-1]["status"] == 124
+
+    def test_missing_command_is_a_status_not_a_hang(self, tmp_path: Path) -> None:
+        status, _, events = run_wrapper(tmp_path, config(command=["/nonexistent/job"]))
+        assert status == 127
+        assert events[-1]["event"] == "exited" and events[-1]["status"] == 127
+
+    def test_unknown_user_is_reported(self, tmp_path: Path) -> None:
+        status, _, events = run_wrapper(tmp_path, config(user="no-such-user-here"))
+        assert status == 127
+        assert events[-1]["event"] == "exited" and events[-1]["status"] == 127
+        assert "no-such-user-here" in events[-1]["message"]
+
+
+def test_job_config_from_a_recipe_is_plain_json(tmp_path: Path) -> None:
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("version: 1\nname: hi\njob:\n  command: echo $HOME %h\n  timeout: 90s\n"
+                      "  environment: {A: 'x;y'}\n")
+    cfg = job_config(load_recipe(recipe))
+    assert cfg["command"] == ["/bin/sh", "-c", "echo $HOME %h"]
+    assert cfg["timeout"] == 90
+    assert cfg["environment"] == {"A": "x;y"}
+    json.dumps(cfg)
