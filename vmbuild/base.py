@@ -17,7 +17,7 @@ import shutil
 import subprocess
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from vmbuild import diskimage
@@ -66,8 +66,11 @@ def kernel_package(recipe: Recipe) -> str:
     return "linux-image-amd64" if needs_generic else "linux-image-cloud-amd64"
 
 
-def host_mirror() -> str:
-    """The Debian mirror the build host's apt uses (RECIPE.md's default for guest.mirror)."""
+# Releases whose -updates and -security suites exist: a job image gets their fixes too.
+SUPPORTED_WITH_UPDATES = ("bullseye", "bookworm", "trixie")
+
+
+def _host_apt_uris() -> list[str]:
     candidates: list[str] = []
     sources = Path("/etc/apt/sources.list.d")
     for path in sorted(sources.glob("*.sources")) if sources.is_dir() else []:
@@ -81,35 +84,76 @@ def host_mirror() -> str:
             if len(parts) >= 3 and parts[0] == "deb":
                 uri = next((p for p in parts[1:] if not p.startswith("[")), "")
                 candidates.append(uri)
-    for uri in candidates:
+    return candidates
+
+
+def host_mirror() -> str:
+    """The Debian mirror the build host's apt uses (RECIPE.md's default for guest.mirror)."""
+    for uri in _host_apt_uris():
         if uri.startswith(("http://", "https://")) and "security" not in uri \
                 and uri.rstrip("/").endswith("/debian"):
             return uri
     return "http://deb.debian.org/debian"
 
 
-def base_settings(recipe: Recipe) -> dict[str, object]:
+def host_security_mirror() -> str:
+    for uri in _host_apt_uris():
+        if uri.startswith(("http://", "https://")) and uri.rstrip("/").endswith("-security"):
+            return uri
+    return "http://deb.debian.org/debian-security"
+
+
+def apt_sources(release: str, mirror: str) -> list[str]:
+    """One-line sources for mmdebstrap: the release, plus its updates and security fixes."""
+    sources = [f"deb {mirror} {release} main"]
+    if release in SUPPORTED_WITH_UPDATES:
+        sources.append(f"deb {mirror} {release}-updates main")
+        sources.append(f"deb {host_security_mirror()} {release}-security main")
+    return sources
+
+
+@dataclass(frozen=True)
+class BaseSettings:
     """Everything that shapes the base disk, and nothing else: this is what the cache key hashes."""
+
+    release: str
+    arch: str
+    sources: tuple[str, ...]
+    packages: tuple[str, ...]
+    disk: int
+    firmware: str
+    cmdline: str
+    guest_files: tuple[tuple[str, str], ...]  # (name, sha256) of files baked into the base
+    diskimage: str  # sha256 of the disk assembly code
+    format: int = BASE_FORMAT
+
+    def to_json(self) -> dict[str, object]:
+        return asdict(self)
+
+    @property
+    def key(self) -> str:
+        blob = json.dumps(self.to_json(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:20]
+
+
+def base_settings(recipe: Recipe) -> BaseSettings:
     g = recipe.guest
-    guest_files = {name: hashlib.sha256((GUEST_DIR / name).read_bytes()).hexdigest()
-                   for name in BASE_GUEST_FILES}
-    return {
-        "format": BASE_FORMAT,
-        "release": g.release,
-        "arch": g.arch,
-        "mirror": g.mirror or host_mirror(),
-        "packages": sorted({*BASE_PACKAGES, kernel_package(recipe), *g.packages}),
-        "disk": g.disk,
-        "firmware": g.firmware,
-        "cmdline": KERNEL_CMDLINE,
-        "guest_files": guest_files,
-        "diskimage": hashlib.sha256(Path(diskimage.__file__).read_bytes()).hexdigest(),
-    }
+    return BaseSettings(
+        release=g.release,
+        arch=g.arch,
+        sources=tuple(apt_sources(g.release, g.mirror or host_mirror())),
+        packages=tuple(sorted({*BASE_PACKAGES, kernel_package(recipe), *g.packages})),
+        disk=g.disk,
+        firmware=g.firmware,
+        cmdline=KERNEL_CMDLINE,
+        guest_files=tuple((name, hashlib.sha256((GUEST_DIR / name).read_bytes()).hexdigest())
+                          for name in BASE_GUEST_FILES),
+        diskimage=hashlib.sha256(Path(diskimage.__file__).read_bytes()).hexdigest(),
+    )
 
 
 def base_key(recipe: Recipe) -> str:
-    blob = json.dumps(base_settings(recipe), sort_keys=True).encode()
-    return hashlib.sha256(blob).hexdigest()[:20]
+    return base_settings(recipe).key
 
 
 def cache_root() -> Path:
@@ -143,7 +187,7 @@ def ensure_base(recipe: Recipe, report: Reporter, *, cache: Path | None = None,
                 refresh: bool = False) -> BaseImage:
     """Return the base disk for this recipe, building it only when no cached copy matches."""
     settings = base_settings(recipe)
-    key = base_key(recipe)
+    key = settings.key
     root = (cache or cache_root()) / "base"
     final = root / key
     with _locked(root / f"{key}.lock"):
@@ -201,19 +245,17 @@ def _stream(argv: list[str], stage: Stage, what: str) -> None:
         raise BuildError(f"{what} failed with exit status {status}:\n  " + "\n  ".join(tail))
 
 
-def _build(settings: dict[str, object], work: Path, stage: Stage) -> dict[str, object]:
+def _build(settings: BaseSettings, work: Path, stage: Stage) -> dict[str, object]:
     rootfs = work / "rootfs"
-    packages = settings["packages"]
-    assert isinstance(packages, list)
     argv = ["mmdebstrap", "--variant=minbase", "--mode=root", "--format=directory",
-            "--include=" + ",".join(packages),
+            "--include=" + ",".join(settings.packages),
             "--aptopt=Acquire::Retries=3",
             *[f"--dpkgopt={opt}" for opt in _DPKG_EXCLUDES],
-            str(settings["release"]), str(rootfs), str(settings["mirror"])]
+            settings.release, str(rootfs), *settings.sources]
     _stream(argv, stage, "mmdebstrap")
 
     stage.step("configuring the base system")
-    layout = diskimage.plan_layout(int(str(settings["disk"])), str(settings["firmware"]))
+    layout = diskimage.plan_layout(settings.disk, settings.firmware)
     _configure_rootfs(rootfs, layout)
     diskimage.install_grub_files(rootfs, layout, KERNEL_CMDLINE)
     packages_installed = _dpkg_list(rootfs)
@@ -227,7 +269,7 @@ def _build(settings: dict[str, object], work: Path, stage: Stage) -> dict[str, o
     if proc.returncode != 0:
         raise BuildError("qemu-img convert failed: " + proc.stderr.strip())
     raw.unlink()
-    return {"settings": settings, "root_uuid": layout.root_uuid,
+    return {"settings": settings.to_json(), "root_uuid": layout.root_uuid,
             "packages": packages_installed}
 
 
