@@ -157,6 +157,8 @@ def validate(
     no_boot: Annotated[bool, typer.Option(
         "--no-boot", help="Lint only; skip the boot test.")] = False,
     boot_timeout: Annotated[float, typer.Option(help="Seconds the boot may take.")] = 600.0,
+    logs: Annotated[Path | None, typer.Option(
+        help="Keep the boot's console.log, job.log and control.log in this directory.")] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Lint a .vmx and its .vmdk, then boot it under QEMU and check the job ran and powered off."""
@@ -164,7 +166,8 @@ def validate(
 
     presenter = Presenter(json_out)
     try:
-        result = validate_image(vmx, presenter, boot_test=not no_boot, timeout=boot_timeout)
+        result = validate_image(vmx, presenter, boot_test=not no_boot, timeout=boot_timeout,
+                                logs=logs)
     except VmbuildError as exc:
         _fail(exc, presenter)
     payload: dict[str, Any] = {"vmx": str(vmx), "ok": True}

@@ -114,8 +114,8 @@ def _watch(argv: list[str], logs: list[Path], report: Reporter, timeout: float) 
 
 
 def validate_image(vmx: Path, report: Reporter, *, boot_test: bool = True,
-                   timeout: float = DEFAULT_BOOT_TIMEOUT,
-                   expect_status: int = 0) -> BootResult | None:
+                   timeout: float = DEFAULT_BOOT_TIMEOUT, expect_status: int = 0,
+                   logs: Path | None = None) -> BootResult | None:
     """Lint, then boot; raise ValidationError with every reason found."""
     with Stage(report, "validate", f"linting {vmx.name}"):
         problems = lint(vmx)
@@ -124,7 +124,7 @@ def validate_image(vmx: Path, report: Reporter, *, boot_test: bool = True,
     if not boot_test:
         return None
     with Stage(report, "validate", f"boot test of {vmx.name} (QEMU, {best_accelerator()})"):
-        result = boot(vmx, report, timeout=timeout)
+        result = boot(vmx, report, timeout=timeout, keep_logs=logs)
         reasons = []
         started = any(e.get("event") == "started" for e in result.control)
         if not started:
