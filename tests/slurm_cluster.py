@@ -6,12 +6,13 @@ in a temporary directory, starts munged (unless one already answers), slurmctld 
 the foreground as children of the test process, waits until ``sinfo`` shows the node idle,
 and stops them at the end. No systemd or cgroups: ``proctrack/linuxproc``, ``task/none``.
 
-Use it with ``from slurm_cluster import slurm_cluster`` in a test module, or call
+Use it with ``from tests.slurm_cluster import slurm_cluster`` in a test module, or call
 :func:`start_cluster` directly.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -208,7 +209,7 @@ PartitionName=debug Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
         while time.monotonic() < deadline:
             for p in self.procs:
                 if p.poll() is not None:
-                    raise RuntimeError(f"a Slurm daemon exited ({p.args}): see {self.root}/*.log")
+                    raise RuntimeError(f"a Slurm daemon exited ({p.args!r}): see {self.root}/*.log")
             proc = self.run("sinfo", "-h", "-N", "-o", "%N %t", check=False)
             last = proc.stdout.strip() + proc.stderr.strip()
             if proc.returncode == 0 and f"{self.node} idle" in last:
@@ -229,10 +230,8 @@ PartitionName=debug Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
                 p.wait()
         self.procs.clear()
         if self.munged_pid is not None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(self.munged_pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
             self.munged_pid = None
 
 

@@ -32,7 +32,7 @@ def run_wrapper(tmp_path: Path, config: dict[str, Any]) -> tuple[int, str, list[
                VMBUILD_CONTROL_PORT=str(control_port), VMBUILD_NO_DISKS="1")
     proc = subprocess.run([sys.executable, str(WRAPPER), str(cfg)], env=env,
                           capture_output=True, timeout=120)
-    output = JobOutputFilter().feed(job_port.read_text())
+    output = JobOutputFilter().feed(job_port.read_bytes()).decode()
     return proc.returncode, output, parse_control(control_port.read_text()).events
 
 

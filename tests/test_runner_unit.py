@@ -4,6 +4,7 @@ mapping, exit codes, the zipapp. No VM is booted here (see test_runner_qemu.py).
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,6 +19,8 @@ from vmbuild.runner.contract import (
     EXIT_CHECKPOINTED,
     EXIT_JOB_TIMEOUT,
     EXIT_VM_DIED,
+    EXIT_VM_START_FAILED,
+    JOB_OUTPUT_MARKER,
     JobReport,
 )
 from vmbuild.runner.qemu import blockdev_args
@@ -76,7 +79,7 @@ def test_signal_plan_sigint_follows_sigterm() -> None:
 
 def test_exit_codes_are_the_interface() -> None:
     assert EXIT_CHECKPOINTED == 85
-    assert (core.EXIT_VM_START_FAILED, EXIT_JOB_TIMEOUT, EXIT_VM_DIED) == (90, 91, 92)
+    assert (EXIT_VM_START_FAILED, EXIT_JOB_TIMEOUT, EXIT_VM_DIED) == (90, 91, 92)
 
 
 def _report(*lines: dict[str, object]) -> JobReport:
@@ -248,3 +251,206 @@ def test_runner_does_not_import_the_build_side() -> None:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+# ------------------------------------------------------------------ the core's lifecycle
+
+
+class FakeBackend(core.Backend):
+    """Records what the core asks for; the "guest" is driven by the test."""
+
+    def __init__(self, options: core.RunOptions, streams: core.JobStreams,
+                 fail_start: bool = False) -> None:
+        super().__init__(options, streams)
+        self.calls: list[str] = []
+        self.fail_start = fail_start
+
+    async def start(self) -> None:
+        self.calls.append("start")
+        if self.fail_start:
+            raise core.RunnerError("no hypervisor")
+
+    async def checkpoint(self, leave: bool) -> None:
+        self.calls.append("checkpoint-leave" if leave else "checkpoint")
+        if leave:
+            self.exited.set()
+
+    async def pause(self) -> None:
+        self.calls.append("pause")
+
+    async def unpause(self) -> None:
+        self.calls.append("unpause")
+
+    async def poweroff(self) -> None:
+        self.calls.append("poweroff")
+        self.exited.set()
+
+    async def finish(self, status: int) -> None:
+        self.calls.append(f"finish {status}")
+
+
+def _drive(tmp_path: Path, script: object, fail_start: bool = False,
+           **opts: object) -> tuple[int, FakeBackend, bytes]:
+    import asyncio
+    import io
+
+    options = core.RunOptions(vmx=tmp_path / "x.vmx", workdir=tmp_path, **opts)  # type: ignore[arg-type]
+    out = io.BytesIO()
+
+    async def go() -> tuple[int, FakeBackend]:
+        streams = core.JobStreams(tmp_path, stdout=out)
+        backend = FakeBackend(options, streams, fail_start)
+        task = asyncio.ensure_future(script(backend))  # type: ignore[operator]
+        rc = await core.drive(backend, options)
+        await task
+        streams.close()
+        return rc, backend
+
+    rc, backend = asyncio.run(go())
+    return rc, backend, out.getvalue()
+
+
+def _guest_says(backend: core.Backend, *events: dict[str, object]) -> None:
+    backend.streams.control("".join(json.dumps(e) + "\n" for e in events).encode())
+
+
+def test_drive_job_status_and_output(tmp_path: Path) -> None:
+    async def script(b: core.Backend) -> None:
+        _guest_says(b, {"event": "started", "boot_id": "b1"})
+        b.streams.job_output(b"firmware noise\n" + JOB_OUTPUT_MARKER.encode() + b"1\n")
+        b.streams.job_output(b"2\n")
+        _guest_says(b, {"event": "exited", "status": 3})
+        b.exited.set()
+
+    rc, backend, out = _drive(tmp_path, script)
+    assert rc == 3
+    assert out == b"1\n2\n"
+    assert backend.calls == ["start", "finish 3"]
+    assert (tmp_path / "job.log").read_bytes() == b"1\n2\n"
+
+
+def test_drive_vm_died_and_failed_start(tmp_path: Path) -> None:
+    async def died(b: core.Backend) -> None:
+        _guest_says(b, {"event": "started"})
+        b.exited.set()
+
+    assert _drive(tmp_path, died)[0] == EXIT_VM_DIED
+
+    async def nothing(b: core.Backend) -> None:
+        return None
+
+    rc, backend, _ = _drive(tmp_path, nothing, fail_start=True)
+    assert rc == EXIT_VM_START_FAILED and backend.calls == ["start"]
+
+
+def test_drive_checkpoint_signal_pause_and_resume(tmp_path: Path) -> None:
+    import asyncio
+    import os
+
+    async def script(b: core.Backend) -> None:
+        await asyncio.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTSTP)
+        await asyncio.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGCONT)
+        await asyncio.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+    rc, backend, _ = _drive(tmp_path, script, checkpoint_exit_code=99)
+    assert rc == 99
+    assert backend.calls == ["start", "pause", "unpause", "checkpoint-leave"]
+
+
+def test_drive_sigint_acts_as_sigterm(tmp_path: Path) -> None:
+    import asyncio
+    import os
+
+    async def script(b: core.Backend) -> None:
+        await asyncio.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    rc, backend, _ = _drive(tmp_path, script)
+    assert rc == EXIT_CHECKPOINTED and backend.calls[-1] == "checkpoint-leave"
+    rc, backend, _ = _drive(tmp_path, script, checkpoint_signals=[signal.SIGUSR1])
+    assert rc == 128 + signal.SIGINT and backend.calls[-1] == "poweroff"
+
+
+def test_drive_periodic_checkpoints_and_timeout(tmp_path: Path) -> None:
+    async def script(b: core.Backend) -> None:
+        _guest_says(b, {"event": "started"})
+
+    rc, backend, _ = _drive(tmp_path, script, checkpoint_every=0.1, timeout=0.45)
+    assert rc == EXIT_JOB_TIMEOUT
+    assert backend.calls.count("checkpoint") >= 3
+    assert backend.calls[-1] == "poweroff"
+
+
+def test_drive_ignores_checkpoint_signal_after_the_job_ended(tmp_path: Path) -> None:
+    import asyncio
+    import os
+
+    async def script(b: core.Backend) -> None:
+        _guest_says(b, {"event": "started"}, {"event": "exited", "status": 0})
+        os.kill(os.getpid(), signal.SIGUSR1)
+        await asyncio.sleep(0.1)
+        b.exited.set()
+
+    rc, backend, _ = _drive(tmp_path, script)
+    assert rc == 0 and "checkpoint-leave" not in backend.calls
+
+
+def test_one_runner_per_workdir(tmp_path: Path) -> None:
+    import fcntl
+
+    with open(tmp_path / core.LOCK, "a") as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+        (tmp_path / "image").mkdir()
+        vmx = tmp_path / "image" / "x.vmx"
+        vmx.write_text("")
+        rc = main.main(["run", str(vmx), "--workdir", str(tmp_path), "--backend", "qemu"])
+        assert rc == EXIT_VM_START_FAILED
+
+
+@pytest.mark.skipif(not (shutil.which("qemu-img") and shutil.which("qemu-io")),
+                    reason="needs qemu-img and qemu-io")
+def test_compact_chain_keeps_the_data(tmp_path: Path) -> None:
+    from vmbuild.runner.qemu import compact_chain, create_layer
+
+    def img(*args: str) -> str:
+        return subprocess.run(args, cwd=tmp_path, check=True, capture_output=True,
+                              text=True).stdout
+
+    img("qemu-img", "create", "-q", "-f", "qcow2", "base.qcow2", "4M")
+    img("qemu-io", "-c", "write -P 0x11 0 1M", "base.qcow2")
+    below = "base.qcow2"
+    for n, pattern in enumerate(("0x22", "0x33", "0x44"), start=1):
+        create_layer(tmp_path, f"l{n}.qcow2", below, 4 * 2**20)
+        img("qemu-io", "-c", f"write -P {pattern} {n}M 512k", f"l{n}.qcow2")
+        below = f"l{n}.qcow2"
+    merged = compact_chain(tmp_path, "system", ["base.qcow2", "l1.qcow2", "l2.qcow2",
+                                                "l3.qcow2"])
+    assert "Images are identical" in img("qemu-img", "compare", "l3.qcow2", merged)
+    info = json.loads(img("qemu-img", "info", "--output=json", merged))
+    assert info["backing-filename"] == "base.qcow2"  # relative: the directory can move
+    moved = tmp_path.parent / (tmp_path.name + "-moved")
+    tmp_path.rename(moved)
+    out = subprocess.run(["qemu-io", "-c", "read -P 0x44 3M 512k", merged], cwd=moved,
+                         capture_output=True, text=True, check=True).stdout
+    assert "read 524288/524288" in out
+
+
+def test_drive_start_timeout(tmp_path: Path) -> None:
+    async def never_starts(b: core.Backend) -> None:
+        return None
+
+    rc, backend, _ = _drive(tmp_path, never_starts, start_timeout=0.2)
+    assert rc == EXIT_VM_START_FAILED and backend.calls[-1] == "poweroff"
+
+
+def test_a_workdir_holding_the_image_is_refused(tmp_path: Path) -> None:
+    """Garbage collection owns *.vmdk in a work dir: the image must never be in one."""
+    vmx = tmp_path / "hello.vmx"
+    vmx.write_text("")
+    (tmp_path / "hello.vmdk").write_bytes(b"precious")
+    rc = main.main(["run", str(vmx), "--workdir", str(tmp_path), "--backend", "qemu"])
+    assert rc == 2
+    assert (tmp_path / "hello.vmdk").read_bytes() == b"precious"

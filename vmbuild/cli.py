@@ -17,6 +17,7 @@ from typing import Annotated, Any
 import typer
 
 from vmbuild import __version__
+from vmbuild.cli_schedulers import register as register_schedulers
 from vmbuild.errors import VmbuildError
 from vmbuild.events import Event
 
@@ -28,7 +29,9 @@ app = typer.Typer(
     help="Build a validated VMware job image from a YAML recipe, and run it like a process.\n\n"
          "`vmbuild RECIPE.yaml` is shorthand for `vmbuild build RECIPE.yaml`.",
     epilog="Exit statuses of build/check/validate: 0 ok; 1 build failed; 2 bad input "
-           "(recipe, option, path); 3 validation failed; 130 interrupted.",
+           "(recipe, option, path); 3 validation failed; 130 interrupted. "
+           "`vmbuild run` exits with the job's own status, 85 after a checkpoint, 90 VM failed "
+           "to start, 91 job timed out, 92 VM died without a status.",
 )
 
 _START = time.monotonic()
@@ -178,13 +181,39 @@ def validate(
                                              f"after {result.seconds:.0f}s)"))
 
 
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+             add_help_option=False)
+def run(ctx: typer.Context) -> None:
+    """Run an image like a process: stream the job, exit with its status, checkpoint on
+    SIGUSR1/SIGTERM/SIGQUIT (exit 85) and resume on the next start. See `vmbuild run --help`."""
+    from vmbuild.runner.main import main as runner_main
+
+    raise typer.Exit(runner_main(["run", *ctx.args]))
+
+
+@app.command("runner-bundle")
+def runner_bundle(
+    output: Annotated[Path, typer.Option(
+        "--output", "-o", help="Where to write the zipapp, e.g. vmbuild-run.pyz.")],
+) -> None:
+    """Write the runner alone as a single-file zipapp for execute nodes (plain python3 runs it:
+    `python3 vmbuild-run.pyz run IMAGE.vmx`)."""
+    from vmbuild.runner.bundle import write_bundle
+
+    write_bundle(output)
+    print(output)
+
+
 @app.command()
 def version() -> None:
     """Print vmbuild's version."""
     print(__version__)
 
 
-_COMMANDS = {"build", "check", "schema", "validate", "version"}
+register_schedulers(app)
+
+_COMMANDS = {"build", "check", "schema", "validate", "version", "run", "runner-bundle",
+             "submit", "probe"}
 
 
 def main() -> None:

@@ -90,7 +90,7 @@ def _watch(argv: list[str], logs: list[Path], report: Reporter, timeout: float) 
                 pass
             data = job.read_bytes()
             if len(data) > shown:
-                fresh = output.feed(data[shown:].decode(errors="replace"))
+                fresh = output.feed(data[shown:]).decode(errors="replace")
                 shown = len(data)
                 job_output += fresh
                 *lines, pending_line = (pending_line + fresh).split("\n")

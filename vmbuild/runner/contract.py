@@ -93,26 +93,28 @@ def parse_control(text: str) -> JobReport:
 
 
 class JobOutputFilter:
-    """Pass COM2 text through, minus whatever came before the wrapper's start marker.
+    """Pass COM2 bytes through, minus whatever came before the wrapper's start marker.
 
     `started=True` is for a VM resumed from a checkpoint taken after the job had started:
     its COM2 carries only job output from the first byte.
     """
 
+    _marker = JOB_OUTPUT_MARKER.encode()
+
     def __init__(self, started: bool = False) -> None:
         self.started = started
-        self._pending = ""
+        self._pending = b""
 
-    def feed(self, text: str) -> str:
+    def feed(self, data: bytes) -> bytes:
         if self.started:
-            return text
-        self._pending += text
-        index = self._pending.find(JOB_OUTPUT_MARKER)
+            return data
+        self._pending += data
+        index = self._pending.find(self._marker)
         if index < 0:
             # Keep only a tail long enough to hold a marker split across reads.
-            self._pending = self._pending[-len(JOB_OUTPUT_MARKER):]
-            return ""
+            self._pending = self._pending[-len(self._marker):]
+            return b""
         self.started = True
-        rest = self._pending[index + len(JOB_OUTPUT_MARKER):]
-        self._pending = ""
+        rest = self._pending[index + len(self._marker):]
+        self._pending = b""
         return rest

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import os
 import re
@@ -34,21 +35,24 @@ from typing import Any
 from .contract import (
     EXIT_CHECKPOINTED,
     EXIT_JOB_TIMEOUT,
+    EXIT_USAGE,
     EXIT_VM_DIED,
     EXIT_VM_START_FAILED,
+    JobOutputFilter,
     JobReport,
 )
 
 MANIFEST = "checkpoint.json"
 MANIFEST_VERSION = 1
 RESULT = "result.json"
+LOCK = "runner.lock"
 #: Files the runner may create in a work directory; only these are ever garbage-collected,
 #: so a work directory that also holds a user's files does not lose them.
 _OWNED = re.compile(
     r"^(?:.*\.qcow2|.*\.mig|.*\.tmp|.*\.raw|.*\.vmss|.*\.vmem|.*\.vmdk|.*\.vmx|\.stage-.*)$"
 )
 #: Logs kept across runs (appended to), never collected.
-LOGS = ("console.log", "job.log", "control.log", "runner.log")
+LOGS = ("console.log", "job.log", "control.log", "qemu.log")
 
 DEFAULT_CHECKPOINT_SIGNALS = ("USR1", "TERM", "QUIT")
 
@@ -125,7 +129,9 @@ class RunOptions:
         default_factory=lambda: parse_signals(",".join(DEFAULT_CHECKPOINT_SIGNALS)))
     checkpoint_exit_code: int = EXIT_CHECKPOINTED
     timeout: float | None = None
+    start_timeout: float | None = 900.0  # boot to the job's "started" message
     accel: str | None = None
+    vmware_type: str | None = None
     quiet: bool = False
 
 
@@ -227,7 +233,7 @@ class Workdir:
 
     def collect(self, keep: Iterable[str]) -> list[str]:
         """Delete runner-owned files not in ``keep``; return their names."""
-        keep_set = set(keep) | {MANIFEST, RESULT, *LOGS}
+        keep_set = set(keep) | {MANIFEST, RESULT, LOCK, *LOGS}
         removed: list[str] = []
         if not self.path.is_dir():
             return removed
@@ -281,8 +287,20 @@ class JobStreams:
             self.started.set()
         if self.report.finished:
             self.finished.set()
+        # Firmware (OVMF) mirrors its console to every serial port; a resumed job is past it.
+        self.output_filter = JobOutputFilter(started=self.report.started)
+
+    def restore(self, events: list[dict[str, Any]]) -> None:
+        """Take back the control events a checkpoint recorded (the VM resumes past them)."""
+        self.report.events.extend(events)
+        if self.report.started:
+            self.started.set()
+            self.output_filter.started = True  # COM2 now carries job output only
+        if self.report.finished:
+            self.finished.set()
 
     def job_output(self, data: bytes) -> None:
+        data = self.output_filter.feed(data)
         if not data:
             return
         self.bytes_out += len(data)
@@ -339,6 +357,9 @@ class Backend:
         self.options = options
         self.streams = streams
         self.exited = asyncio.Event()  # the VM is gone (powered off, crashed, quit)
+        self.checkpointed = False  # a checkpoint was published by this run
+        self.elapsed_before = 0.0  # run time of the job before this run (from a checkpoint)
+        self.vm_error: str | None = None  # the hypervisor failed (not a guest power-off)
 
     async def start(self) -> None:
         """Boot or resume the VM; return when it runs. RunnerError(90) when it cannot."""
@@ -386,13 +407,23 @@ async def drive(backend: Backend, options: RunOptions,
         except RunnerError as exc:
             log(str(exc))
             return exc.exit_code
+        except Exception as exc:
+            log(f"the VM failed to start: {exc!r}")
+            return EXIT_VM_START_FAILED
         # A signal that arrived while the VM was starting is handled now, below.
-        deadline = None if options.timeout is None else loop.time() + options.timeout
+        deadline = None if options.timeout is None else \
+            loop.time() + max(0.0, options.timeout - backend.elapsed_before)
         periodic = options.checkpoint_every
         next_periodic = None if periodic is None else loop.time() + periodic
         paused = False
+        start_deadline = None
+        if options.start_timeout is not None and not backend.streams.started.is_set():
+            start_deadline = loop.time() + options.start_timeout
         while True:
-            waits: list[float] = [t for t in (deadline, next_periodic) if t is not None]
+            if start_deadline is not None and backend.streams.started.is_set():
+                start_deadline = None
+            waits: list[float] = [t for t in (deadline, next_periodic, start_deadline)
+                                  if t is not None]
             timeout = max(0.0, min(waits) - loop.time()) if waits else None
             get_sig = asyncio.ensure_future(requests.get())
             gone = asyncio.ensure_future(backend.exited.wait())
@@ -403,8 +434,6 @@ async def drive(backend: Backend, options: RunOptions,
             if gone not in done:
                 gone.cancel()
             if backend.exited.is_set():
-                if get_sig in done:  # keep the signal for nobody: the VM is already gone
-                    pass
                 break
             now = loop.time()
             if get_sig in done:
@@ -414,9 +443,15 @@ async def drive(backend: Backend, options: RunOptions,
                         log(f"{sig.name}: the job has ended; letting the VM power off")
                         continue
                     log(f"{sig.name}: checkpointing the VM")
-                    if paused:
-                        paused = False
-                    await backend.checkpoint(leave=True)
+                    paused = False
+                    try:
+                        await backend.checkpoint(leave=True)
+                    except RunnerError:
+                        if backend.exited.is_set() and backend.streams.finished.is_set():
+                            break  # the job ended and the VM powered off meanwhile
+                        raise
+                    if backend.exited.is_set() and backend.streams.finished.is_set():
+                        break  # nothing was saved: the job had ended (see checkpoint())
                     log("checkpoint published; exiting")
                     return options.checkpoint_exit_code
                 if sig in plan.stop:
@@ -432,6 +467,11 @@ async def drive(backend: Backend, options: RunOptions,
                     paused = False
                     log("VM resumed")
                 continue
+            if start_deadline is not None and now >= start_deadline and not paused:
+                log(f"the job did not start within {options.start_timeout:g}s of boot; "
+                    "stopping the VM (see console.log)")
+                await backend.poweroff()
+                return EXIT_VM_START_FAILED
             if deadline is not None and now >= deadline:
                 log(f"the job did not finish within {options.timeout:g}s; stopping the VM")
                 await backend.poweroff()
@@ -439,13 +479,23 @@ async def drive(backend: Backend, options: RunOptions,
             if next_periodic is not None and now >= next_periodic:
                 assert periodic is not None
                 if not paused and not backend.streams.finished.is_set():
-                    await backend.checkpoint(leave=False)
+                    try:
+                        await backend.checkpoint(leave=False)
+                    except RunnerError:
+                        if not backend.exited.is_set():
+                            raise
                     if backend.exited.is_set():
                         break
                 next_periodic = loop.time() + periodic
-        status = job_exit_status(backend.streams.report)
-        if backend.streams.report.finished is None:
-            log("the VM stopped without reporting a job status")
+        report = backend.streams.report
+        status = job_exit_status(report)
+        if report.finished is None:
+            if backend.vm_error and not report.started:
+                log(f"the VM failed to start: {backend.vm_error}")
+                status = EXIT_VM_START_FAILED
+            else:
+                log("the VM stopped without reporting a job status"
+                    + (f" ({backend.vm_error})" if backend.vm_error else ""))
         await backend.finish(status)
         return status
     finally:
@@ -455,18 +505,37 @@ async def drive(backend: Backend, options: RunOptions,
         await backend.close()
 
 
+def check_workdir(workdir: Path, vmx: Path) -> None:
+    """Refuse a work directory that holds the image: its garbage collection deletes disks."""
+    work = workdir.resolve()
+    image_dir = vmx.resolve().parent
+    if image_dir == work:  # collection only looks at the work directory's own entries
+        raise RunnerError(f"{workdir}: the work directory must not contain the image "
+                          f"({vmx}); choose a separate --workdir", EXIT_USAGE)
+
+
 def run_backend(factory: Callable[[RunOptions, JobStreams], Backend], options: RunOptions,
                 known_events: list[dict[str, Any]] | None = None) -> int:
     """Synchronous entry: build the streams and backend, drive them to an exit status."""
 
     async def main() -> int:
+        check_workdir(options.workdir, options.vmx)
         options.workdir.mkdir(parents=True, exist_ok=True)
+        # One runner per work directory; the lock goes away with the process, even on SIGKILL.
+        lock = open(options.workdir / LOCK, "a")  # noqa: SIM115 (held for the whole run)
+        try:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close()
+            raise RunnerError(f"{options.workdir}: another runner is using this work directory",
+                              EXIT_VM_START_FAILED) from None
         streams = JobStreams(options.workdir, quiet=options.quiet, known_events=known_events)
         try:
             backend = factory(options, streams)
             return await drive(backend, options)
         finally:
             streams.close()
+            lock.close()
 
     try:
         return asyncio.run(main())

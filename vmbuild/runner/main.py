@@ -80,8 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--timeout", default=None, metavar="DURATION",
                      help="stop the job after this much run time (summed over resumes); "
                           "exit 91")
+    run.add_argument("--start-timeout", default="15m", metavar="DURATION",
+                     help="give up (exit 90) when the job has not started this long after "
+                          "the VM was started (default 15m; 'none' to wait forever)")
     run.add_argument("--accel", choices=("kvm", "tcg"), default=None,
                      help="QEMU accelerator (default: KVM when a bounded probe shows it works)")
+    run.add_argument("--vmware-type", choices=("ws", "player", "fusion"), default=None,
+                     help="vmrun -T host type (default: fusion on macOS, else ws)")
     run.add_argument("--quiet", action="store_true",
                      help="do not copy the job's output to stdout (it is still in job.log)")
     bundle = sub.add_parser("bundle", help="write the runner as a single-file zipapp")
@@ -102,6 +107,8 @@ def options_from(ns: argparse.Namespace) -> RunOptions:
     try:
         every = parse_duration(ns.checkpoint_every) if ns.checkpoint_every else None
         timeout = parse_duration(ns.timeout) if ns.timeout else None
+        start_timeout = None if ns.start_timeout.lower() in ("", "none") else \
+            parse_duration(ns.start_timeout)
         signals = parse_signals(ns.checkpoint_signals)
         output_size = int(ns.output_size)
     except ValueError as exc:
@@ -112,8 +119,9 @@ def options_from(ns: argparse.Namespace) -> RunOptions:
         inputs=[Path(p) for group in ns.inputs for p in group], args=list(ns.args), env=env,
         output_dir=ns.output_dir.resolve() if ns.output_dir else None,
         output_size_mib=output_size, checkpoint_every=every, checkpoint_signals=signals,
-        checkpoint_exit_code=ns.checkpoint_exit_code, timeout=timeout, accel=ns.accel,
-        quiet=ns.quiet)
+        checkpoint_exit_code=ns.checkpoint_exit_code, timeout=timeout,
+        start_timeout=start_timeout, accel=ns.accel,
+        vmware_type=ns.vmware_type, quiet=ns.quiet)
 
 
 def run_command(ns: argparse.Namespace) -> int:

@@ -51,7 +51,8 @@ from .vmx import VmxError, VmxInfo, load_vmx, vmx_info
 
 PR_SET_PDEATHSIG = 1
 QMP_TIMEOUT = 60.0
-START_TIMEOUT = 120.0  # QEMU up and QMP answering (or an incoming migration done)
+START_TIMEOUT = 120.0
+MAX_LAYERS = 6  # frozen layers per disk before a resume merges them
 
 
 def _die_with_parent(parent: int) -> None:
@@ -86,6 +87,26 @@ def create_layer(workdir: Path, name: str, backing: str, size: int) -> None:
     is recorded relatively and not opened (it may be in use by QEMU)."""
     _img("create", "-q", "-f", "qcow2", "-u", "-b", backing, "-F", "qcow2",
          str(workdir / name), str(size))
+
+
+def compact_chain(workdir: Path, disk: str, layers: list[str]) -> str:
+    """One new qcow2 holding what ``layers[1:]`` hold, over ``layers[0]``; returns its name.
+    Names are relative to ``workdir`` (qemu-img runs there), so the result is relocatable."""
+    merged = Workdir(workdir).unique(f"{disk}-merged", ".qcow2")
+    # A copy of the top layer, rebased (safe mode: every cluster that differs between the
+    # old chain and the base is written into it) onto the base. `convert -B` would not do:
+    # it copies only the top layer's own clusters. The frozen layers are never modified.
+    proc = subprocess.run(["cp", "--sparse=always", layers[-1], merged], cwd=workdir,
+                          capture_output=True, text=True, check=False)
+    if proc.returncode == 0:
+        proc = subprocess.run(
+            [_qemu_img(), "rebase", "-q", "-b", layers[0], "-F", "qcow2", merged],
+            cwd=workdir, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(workdir / merged)
+        raise RunnerError(f"merging the disk layers of {disk} failed: {proc.stderr.strip()}")
+    return merged
 
 
 def source_key(path: Path) -> str:
@@ -134,12 +155,13 @@ class QemuBackend(Backend):
         self.node_count: dict[str, int] = {}
         self.state_file: str | None = None
         self.migration: asyncio.Future[str] | None = None
-        self.base_name: str | None = None
         self.resumed = False
         self.started_at = time.monotonic()
         self.elapsed_before = 0.0
         self.checkpoints = 0
         self.info: VmxInfo
+        self.accel = "tcg"
+        self.quitting = False
         self.pumps: list[asyncio.Task[None]] = []
         self.watcher: asyncio.Task[None] | None = None
 
@@ -159,11 +181,11 @@ class QemuBackend(Backend):
             self.state_file = manifest["state"]
             self.resumed = True
             self.elapsed_before = float(manifest.get("elapsed", 0.0))
-            self.streams.report.events.extend(manifest.get("events", []))
-            if self.streams.report.started:
-                self.streams.started.set()
+            self.streams.restore(manifest.get("events", []))
             log(f"resuming from checkpoint {manifest.get('sequence')} "
                 f"({len(self.chains)} disks, state {self.state_file})")
+            if self.options.inputs or self.options.args or self.options.env:
+                log("--input/--arg/--env are ignored: the resumed job already has its inputs")
         else:
             wd.collect(self._cached_base_names(None))
             if len(info.disks) != 1:
@@ -190,10 +212,30 @@ class QemuBackend(Backend):
             jobio.make_output_disk(wd.path / name, opts.output_size_mib)
             self.chains["output"] = {"layers": [{"file": name}],
                                      "size": virtual_size(wd.path / name)}
+        if self.manifest is not None and any(
+                len(c["layers"]) > MAX_LAYERS for c in self.chains.values()):
+            self._compact()
         for disk, chain in self.chains.items():
             top = wd.unique(f"{disk}-layer", ".qcow2")
             create_layer(wd.path, top, chain["layers"][-1]["file"], chain["size"])
             self.tops[disk] = top
+
+    def _compact(self) -> None:
+        """Merge the frozen layers above each base into one (periodic checkpoints add a
+        layer each). Offline, before QEMU starts: the merged layer is written and fsync'ed,
+        then a manifest naming it replaces the old one; the old layers become garbage."""
+        assert self.manifest is not None
+        for disk, chain in self.chains.items():
+            layers = chain["layers"]
+            if len(layers) <= 2:
+                continue
+            merged = compact_chain(self.wd.path, disk, [layer["file"] for layer in layers])
+            chain["layers"] = [layers[0], {"file": merged}]
+        manifest = {**self.manifest, "disks": self.chains}
+        self.wd.publish(manifest)
+        self.manifest = manifest
+        self.wd.collect([*_names(manifest), *self._cached_base_names(manifest)])
+        log(f"merged the checkpoint's disk layers ({', '.join(self.chains)})")
 
     def _cached_base_names(self, manifest: dict[str, Any] | None) -> list[str]:
         """The converted base of the current image is kept (a cache) even when unused."""
@@ -230,7 +272,11 @@ class QemuBackend(Backend):
                   + ",append=on",
                   f"chardev:socket,fd={ours['job-child'].fileno()}",
                   f"chardev:socket,fd={ours['control-child'].fileno()}"]
-        accel = self.options.accel or best_accelerator()
+        # A saved VM resumes on the accelerator it was saved on (TCG and KVM CPU state
+        # differ); only a fresh start probes.
+        saved = (self.manifest or {}).get("accel")
+        accel = saved if self.resumed and saved else self.options.accel or best_accelerator()
+        self.accel = accel
         devices = qemu_argv(self.info, self.options.vmx.parent,
                             disk_override={self.info.disks[0].file_name:
                                            (self.top_nodes["system"], BLOCKDEV)},
@@ -258,7 +304,7 @@ class QemuBackend(Backend):
         try:
             self.proc = await asyncio.create_subprocess_exec(
                 *argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                stderr=open(self.wd.path / "runner.log", "ab"),  # noqa: SIM115
+                stderr=open(self.wd.path / "qemu.log", "ab"),  # noqa: SIM115
                 pass_fds=child_fds, start_new_session=True,
                 preexec_fn=lambda: _die_with_parent(parent))
         except OSError as exc:
@@ -276,7 +322,7 @@ class QemuBackend(Backend):
             await asyncio.wait_for(qmp.connect(socks["qmp"]), START_TIMEOUT)
         except Exception as exc:
             await self._kill()
-            raise RunnerError(f"QEMU did not start: {exc} (see {self.wd.path}/runner.log)",
+            raise RunnerError(f"QEMU did not start: {exc} {self._qemu_log_tail()}",
                               EXIT_VM_START_FAILED) from exc
         self.tasks.append(asyncio.create_task(self._events()))
         await self._cmd("migrate-set-capabilities",
@@ -337,15 +383,25 @@ class QemuBackend(Backend):
         finally:
             writer.close()
 
+    def _qemu_log_tail(self) -> str:
+        try:
+            lines = (self.wd.path / "qemu.log").read_text(errors="replace").splitlines()
+        except OSError:
+            return ""
+        return ("; QEMU said: " + " | ".join(lines[-5:])) if lines else ""
+
     async def _watch_process(self) -> None:
         assert self.proc is not None
-        await self.proc.wait()
+        rc = await self.proc.wait()
+        if rc != 0 and not self.quitting:
+            self.vm_error = f"QEMU exited with status {rc}{self._qemu_log_tail()}"
         # Let the serial pumps drain what QEMU wrote before it went.
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.gather(*self.pumps, return_exceptions=True), 5)
         self.exited.set()
 
     async def _kill(self) -> None:
+        self.quitting = True
         if self.proc is not None and self.proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 self.proc.kill()
@@ -363,6 +419,13 @@ class QemuBackend(Backend):
             if self.exited.is_set():
                 return  # it powered off on its own: the job ended, nothing to save
             raise
+        if self.streams.finished.is_set():
+            # The job already reported its end: let the VM power off instead of saving it.
+            await self._cmd("cont")
+            await self.exited.wait()
+            return
+        sequence = (self.manifest or {}).get("sequence", 0) + 1
+        log(f"saving checkpoint {sequence}")
         await asyncio.sleep(0.05)  # let the control pump take what the guest sent before
         frozen = {d: self.tops[d] for d in self.chains}
         if not leave:
@@ -393,7 +456,7 @@ class QemuBackend(Backend):
             chain["layers"].append({"file": frozen[disk]})
         self.state_file = state
         self.checkpoints += 1
-        sequence = (self.manifest or {}).get("sequence", 0) + 1
+        self.checkpointed = True
         manifest = {
             "sequence": sequence,
             "backend": "qemu",
@@ -403,6 +466,7 @@ class QemuBackend(Backend):
             "boot_id": self.streams.boot_id,
             "elapsed": self.elapsed_before + time.monotonic() - self.started_at,
             "memory_mib": self.info.memory_mib,
+            "accel": self.accel,
             "vmx": self.options.vmx.name,
         }
         await asyncio.to_thread(self.wd.publish, manifest)
@@ -419,6 +483,7 @@ class QemuBackend(Backend):
             await self._cmd("cont")
 
     async def _quit(self) -> None:
+        self.quitting = True
         with contextlib.suppress(RunnerError):
             await self._cmd("quit")
         assert self.proc is not None

@@ -120,9 +120,12 @@ def render_sbatch(vmx: str | Path, options: SubmitOptions | None = None, *,
             f"{__version__}.",
             f"# Guest: {facts.memory_mib} MiB, {facts.cpus} vCPU. Submit with: sbatch "
             f"{name}.sbatch",
-            f"# {estimate.explain()}; Slurm's KillWait (or the partition's GraceTime) must be "
-            "at least that",
-            "# for preemption and scontrol requeue to keep the VM's state.",
+            f"# {estimate.explain()}.",
+            "# USR1 comes that long before the time limit. For preemption and scontrol requeue,"
+            " Slurm",
+            "# sends SIGTERM and waits KillWait (or the partition's GraceTime) before SIGKILL: "
+            "that must",
+            f"# be at least {lead} s too, or the VM's state is lost (a site setting).",
         ]
     out += [
         f"#SBATCH --job-name={name}",
@@ -168,7 +171,7 @@ work={work_root}/"$job_id"
 outputs={outputs}
 mkdir -p -- "$work" "$outputs" || exit 1
 if [ -n "$(ls -A -- "$work" 2>/dev/null)" ]; then
-    echo "vmbuild: job $job_id (restart ${{SLURM_RESTART_COUNT:-0}}) on $(hostname):" \
+    echo "vmbuild: job $job_id (restart ${{SLURM_RESTART_COUNT:-0}}) on $(hostname):" \\
         "resuming from $work" >&2
 else
     echo "vmbuild: job $job_id on $(hostname): starting in $work" >&2
@@ -201,7 +204,7 @@ if [ "$status" -eq {CHECKPOINT_EXIT_CODE} ]; then
     if [ "$signalled" = {signal} ]; then
         # Checkpointed ahead of the time limit: put the job back in the queue ourselves.
         echo "vmbuild: job $job_id checkpointed before its time limit; requeueing" >&2
-        scontrol requeue "$job_id" \
+        scontrol requeue "$job_id" \\
             || echo "vmbuild: scontrol requeue failed; the checkpoint stays in $work" >&2
     else
         echo "vmbuild: job $job_id checkpointed in $work (signal: ${{signalled:-none}})" >&2

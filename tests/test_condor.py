@@ -1,0 +1,179 @@
+"""HTCondor submit descriptions, parsed by HTCondor's own parser (htcondor2.Submit)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.scheduler_images import make_image
+from vmbuild.schedulers import (
+    SchedulerError,
+    SubmitOptions,
+    render_submit,
+    suspend_seconds,
+    write_submission,
+)
+
+htcondor2 = pytest.importorskip("htcondor2", reason="pip install htcondor (the dev extra)")
+classad2 = pytest.importorskip("classad2", reason="pip install htcondor (the dev extra)")
+
+OPTION_SETS: dict[str, SubmitOptions] = {
+    "default": SubmitOptions(),
+    "qemu-kvm": SubmitOptions(backend="qemu", require_kvm=True, min_probe_version="0.1"),
+    "vmware-sigterm": SubmitOptions(backend="vmware", kill_sig="SIGTERM"),
+    "periodic": SubmitOptions(checkpoint_every="30m", measured_suspend_s=200.0),
+    "extra": SubmitOptions(extra=('+ProjectName = "vmbuild"', "max_retries = 3"), queue=3),
+}
+
+
+def _submit(text: str) -> Any:
+    return htcondor2.Submit(text)
+
+
+def _files(value: str) -> list[str]:
+    return [f.strip() for f in value.split(",") if f.strip()]
+
+
+def _eval_requirements(expr: str, machine: dict[str, Any]) -> bool:
+    ad = classad2.ClassAd()
+    for key, value in machine.items():
+        ad[key] = value
+    ad["vmbuild_req"] = classad2.ExprTree(expr.replace("TARGET.", ""))
+    return bool(ad.eval("vmbuild_req") is True)
+
+
+@pytest.fixture
+def image(tmp_path: Path) -> Path:
+    return make_image(tmp_path / "image", memory_mib=4096, cpus=2)
+
+
+@pytest.mark.parametrize("label", sorted(OPTION_SETS))
+def test_every_submit_file_parses_and_keeps_the_contract(image: Path, tmp_path: Path,
+                                                         label: str) -> None:
+    options = OPTION_SETS[label]
+    text = render_submit(image, options, submit_dir=tmp_path / "submit")
+    sub = _submit(text)
+    assert sub["universe"] == "vanilla"
+    assert sub["executable"] == "vmbuild-run.pyz"
+    assert sub["kill_sig"] == options.kill_sig
+    assert int(sub["job_max_vacate_time"]) == options.estimate(4096).seconds
+    assert sub["when_to_transfer_output"] == "ON_EXIT_OR_EVICT"
+    assert sub["should_transfer_files"] == "YES"
+    assert sub["checkpoint_exit_code"] == "85"
+    inputs = _files(sub["transfer_input_files"])
+    assert any(f.endswith("hello.vmx") for f in inputs)
+    assert any(f.endswith("hello.vmdk") for f in inputs)
+    assert any(f.endswith("hello-flat.vmdk") for f in inputs)  # a descriptor's extent too
+    for key in ("transfer_output_files", "transfer_checkpoint_files"):
+        listed = _files(sub[key])
+        assert listed, key
+        assert not [f for f in listed if f.endswith((".vmdk", ".vmx"))], (key, listed)
+    assert sub["transfer_checkpoint_files"] == sub["transfer_output_files"]
+    args = sub.expand("arguments").strip('"').split()
+    assert args[:2] == ["run", "hello.vmx"]
+    workdir = args[args.index("--workdir") + 1]
+    assert workdir.startswith(sub.expand("transfer_output_files") + "/")  # travels back
+    assert sub["request_cpus"] == "2"
+    assert sub["request_memory"] == f"{4096 + options.memory_overhead_mib}M"
+    assert int(sub["request_disk"].rstrip("M")) > 2 * 4096  # two memory states at least
+    assert sub["MY.WantIOProxy"] == "true"
+    assert sub["MY.VmbuildImage"] == '"hello"'
+    for key in ("log", "output", "error"):
+        assert sub[key].startswith("hello.$(Cluster)")
+    if options.checkpoint_every:
+        assert "--checkpoint-every" in args
+
+
+def test_vacate_time_grows_with_memory(tmp_path: Path) -> None:
+    times = []
+    for memory in (1024, 8192, 32768):
+        vmx = make_image(tmp_path / f"m{memory}", memory_mib=memory)
+        sub = _submit(render_submit(vmx, SubmitOptions(), submit_dir=tmp_path))
+        times.append(int(sub["job_max_vacate_time"]))
+    assert times == sorted(times) and len(set(times)) == 3, times
+    # 32 GiB at 100 MiB/s is 328 s to write; the margin doubles it.
+    assert times[-1] >= 2 * 32768 / 100
+
+
+def test_vacate_time_never_below_measured_or_floor(image: Path, tmp_path: Path) -> None:
+    measured = _submit(render_submit(image, SubmitOptions(measured_suspend_s=900),
+                                     submit_dir=tmp_path))
+    assert int(measured["job_max_vacate_time"]) >= 900
+    fast = _submit(render_submit(image, SubmitOptions(write_mib_s=100000, suspend_floor_s=45),
+                                 submit_dir=tmp_path))
+    assert int(fast["job_max_vacate_time"]) == 45
+    assert suspend_seconds(4096, write_mib_s=100, overhead_s=0, margin=1, floor_s=0) == 41
+
+
+def test_requirements_match_probed_machines(image: Path, tmp_path: Path) -> None:
+    default = _submit(render_submit(image, SubmitOptions(), submit_dir=tmp_path))["requirements"]
+    qemu_node = {"VMBUILD_QEMU": True, "VMBUILD_VMWARE": False, "VMBUILD_KVM": False,
+                 "VMBUILD_RUNNER_VERSION": "0.1.0"}
+    vmware_node = {"VMBUILD_QEMU": False, "VMBUILD_VMWARE": True,
+                   "VMBUILD_RUNNER_VERSION": "0.1.0"}
+    bare_node = {"VMBUILD_QEMU": False, "VMBUILD_VMWARE": False,
+                 "VMBUILD_RUNNER_VERSION": "0.1.0"}
+    unprobed: dict[str, Any] = {"Memory": 4096}
+    assert _eval_requirements(default, qemu_node)
+    assert _eval_requirements(default, vmware_node)
+    assert not _eval_requirements(default, bare_node)
+    assert not _eval_requirements(default, unprobed)
+    kvm = _submit(render_submit(image, OPTION_SETS["qemu-kvm"],
+                                submit_dir=tmp_path))["requirements"]
+    assert not _eval_requirements(kvm, qemu_node)
+    assert _eval_requirements(kvm, {**qemu_node, "VMBUILD_KVM": True})
+    assert not _eval_requirements(kvm, {**qemu_node, "VMBUILD_KVM": True,
+                                        "VMBUILD_RUNNER_VERSION": "0.0.9"})
+    assert not _eval_requirements(kvm, vmware_node)
+
+
+def test_queue_items_and_inputs(image: Path, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "shared.cfg").write_text("x")
+    items = []
+    for n in range(3):
+        item = data / f"case{n}.txt"
+        item.write_text(str(n))
+        items.append(str(item))
+    options = SubmitOptions(inputs=(data / "shared.cfg",), item_inputs=tuple(items), queue=2)
+    sub = _submit(render_submit(image, options, submit_dir=tmp_path / "submit"))
+    assert sub.getQArgs().startswith("2 vmbuild_input from")
+    assert [d["vmbuild_input"] for d in sub.itemdata()] == \
+        [f"../data/case{n}.txt" for n in range(3)]
+    sub["vmbuild_input"] = "../data/case1.txt"
+    args = sub.expand("arguments").strip('"').split()
+    assert args[-4:] == ["--input", "shared.cfg", "--input", "case1.txt"]
+    inputs = _files(sub.expand("transfer_input_files"))
+    assert "../data/shared.cfg" in inputs and "../data/case1.txt" in inputs
+
+
+def test_bad_options_are_refused(image: Path, tmp_path: Path) -> None:
+    with pytest.raises(SchedulerError, match="kill signal"):
+        render_submit(image, SubmitOptions(kill_sig="SIGKILL"), submit_dir=tmp_path)
+    with pytest.raises(SchedulerError, match="key = value"):
+        render_submit(image, SubmitOptions(extra=("nonsense",)), submit_dir=tmp_path)
+    with pytest.raises(SchedulerError, match="queue"):
+        render_submit(image, SubmitOptions(extra=("queue = 3",)), submit_dir=tmp_path)
+    spaced = tmp_path / "with space.txt"
+    spaced.write_text("x")
+    with pytest.raises(SchedulerError, match="white space"):
+        render_submit(image, SubmitOptions(inputs=(spaced,)), submit_dir=tmp_path)
+    with pytest.raises(SchedulerError, match="no such file"):
+        render_submit(tmp_path / "missing.vmx", submit_dir=tmp_path)
+
+
+def test_write_submission_writes_submit_file_and_bundle(image: Path, tmp_path: Path) -> None:
+    out = tmp_path / "condor"
+    files = write_submission(image, "condor", out)
+    assert files[0] == out / "hello.sub"
+    _submit(files[0].read_text())
+    try:
+        import vmbuild.runner.bundle  # noqa: F401
+    except ImportError:
+        assert files == [out / "hello.sub"]
+        pytest.skip("vmbuild.runner.bundle is not there yet: no bundle written")
+    assert files == [out / "hello.sub", out / "vmbuild-run.pyz"]
+    assert files[1].read_bytes().startswith(b"#!/usr/bin/env python3")

@@ -1,0 +1,165 @@
+"""End-to-end tests of ``vmbuild run`` with the QEMU backend, on images built by vmbuild.
+
+Every test here boots real VMs under QEMU (about 25 s a boot under TCG), so the number of
+fresh boots is kept deliberate: hello once; the counter once for the checkpoint cycles (three
+resumes, no reboot) and once or twice for the SIGKILL test.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from vmbuild.runner.bundle import write_bundle
+
+from .conftest import EXAMPLES, built_image
+from .runner_harness import Runner, processes_mentioning, wait_gone
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="needs QEMU"),
+]
+
+
+@pytest.fixture(scope="session")
+def counter_vmx(images_dir: Path) -> Path:
+    return built_image(images_dir, EXAMPLES / "counter" / "recipe.yaml", "counter")
+
+
+def control_events(workdir: Path) -> list[dict[str, object]]:
+    events = []
+    for line in (workdir / "control.log").read_text().splitlines():
+        if line.startswith("{"):
+            events.append(json.loads(line))
+    return events
+
+
+def test_hello_runs_the_job_with_inputs_and_outputs(hello_vmx: Path, tmp_path: Path) -> None:
+    """Through the zipapp, with a plain isolated python3 (as on an execute node)."""
+    bundle = tmp_path / "vmbuild-run.pyz"
+    write_bundle(bundle)
+    python = "/usr/bin/python3" if Path("/usr/bin/python3").exists() else sys.executable
+    data = tmp_path / "data.txt"
+    data.write_text("some input\n")
+    out = tmp_path / "out"
+    runner = Runner(hello_vmx, "--workdir", tmp_path / "work", "--output-dir", out,
+                    "--input", data, "--arg", "first", "--env", "GREETING=bonjour",
+                    program=[python, "-I", str(bundle)], cwd=tmp_path,
+                    env={"PYTHONPATH": ""})
+    rc = runner.wait()
+    assert rc == 0, runner.describe()
+    text = "\n".join(t for _w, t in runner.lines)
+    assert "bonjour from the guest" in text
+    assert "'first'" in text
+    assert (out / "result.txt").read_text() == "bonjour first\n"
+    # finished: nothing left to resume, the layers are gone, the converted base is kept
+    work = tmp_path / "work"
+    assert not (work / "checkpoint.json").exists()
+    assert json.loads((work / "result.json").read_text())["status"] == 0
+    assert not list(work.glob("*.mig")) and not list(work.glob("*-layer-*.qcow2"))
+    assert processes_mentioning(str(work)) == []
+
+
+def test_checkpoint_resume_cycles(counter_vmx: Path, tmp_path: Path) -> None:
+    """Three checkpoint/resume cycles (one after moving the work directory, one by SIGTERM),
+    a pause/unpause, then the job ends with its own status (3)."""
+    count = 24
+    work = tmp_path / "work"
+    out = tmp_path / "out"
+    seen: list[int] = []
+
+    first = Runner(counter_vmx, "--workdir", work, "--output-dir", out,
+                   "--env", f"COUNT={count}", "--env", "EXIT_STATUS=3")
+    first.wait_number(4)
+    sent = first.signal(signal.SIGUSR1)
+    rc = first.wait(120)
+    exit_latency = time.monotonic() - sent
+    assert rc == 85, first.describe()
+    assert exit_latency < 10, f"checkpoint took {exit_latency:.1f}s"
+    assert (work / "checkpoint.json").is_file()
+    assert wait_gone(str(work)) == []
+    seen += first.numbers
+
+    # second run: SIGTSTP pauses (no numbers for a while), SIGCONT continues; SIGTERM saves
+    second = Runner(counter_vmx, "--workdir", work, "--output-dir", out)
+    second.wait_number(seen[-1] + 2)
+    second.signal(signal.SIGTSTP)
+    time.sleep(1.5)  # numbers in flight when the pause came
+    before = len(second.numbers)
+    time.sleep(3)
+    assert len(second.numbers) == before, "the VM kept running while paused"
+    second.signal(signal.SIGCONT)
+    second.wait_number(max(second.numbers) + 2)
+    second.signal(signal.SIGTERM)
+    assert second.wait(120) == 85, second.describe()
+    seen += second.numbers
+
+    # third run, after moving the work directory elsewhere
+    moved = tmp_path / "elsewhere" / "work-moved"
+    moved.parent.mkdir()
+    shutil.move(str(work), moved)
+    third = Runner(counter_vmx, "--workdir", moved, "--output-dir", out)
+    third.wait_number(seen[-1] + 2)
+    third.signal(signal.SIGUSR1)
+    assert third.wait(120) == 85, third.describe()
+    seen += third.numbers
+
+    last = Runner(counter_vmx, "--workdir", moved, "--output-dir", out)
+    assert last.wait() == 3, last.describe()
+    seen += last.numbers
+
+    assert seen == list(range(1, count + 1)), "stdout across the runs is one count"
+    assert (out / "count.txt").read_text().split() == [str(n) for n in range(1, count + 1)]
+    assert len((out / "boots.txt").read_text().split()) == 1, "the guest rebooted"
+    boot_ids = {e.get("boot_id") for e in control_events(moved) if e["event"] == "started"}
+    assert len(boot_ids) == 1
+    assert not (moved / "checkpoint.json").exists()
+
+
+def test_sigkill_at_random_moments(counter_vmx: Path, tmp_path: Path) -> None:
+    """SIGKILL during the run, during periodic saves, while resuming: the outputs always end
+    with each number once, from one boot, and no QEMU outlives its runner."""
+    count = 30
+    work = tmp_path / "work"
+    out = tmp_path / "out"
+    seed = int(time.time())
+    rng = random.Random(seed)
+    kills: list[tuple[str, float]] = []
+    # what the runner is doing when the SIGKILL comes, cycle by cycle
+    moments = ["running", "saving", "resuming", "saving", "running"]
+    for cycle, moment in enumerate(moments):
+        # --env only matters on a fresh start (a resumed VM keeps its job's environment),
+        # and a kill before the first checkpoint means a fresh start.
+        runner = Runner(counter_vmx, "--workdir", work, "--output-dir", out,
+                        "--checkpoint-every", "4s", "--env", f"COUNT={count}")
+        if moment == "resuming":
+            delay = rng.uniform(0.5, 4.0)
+            time.sleep(delay)
+        elif moment == "saving":
+            runner.wait_err("saving checkpoint")
+            delay = rng.uniform(0.0, 0.6)  # a save takes about half a second here
+            time.sleep(delay)
+        else:
+            runner.wait_output()
+            delay = rng.uniform(1.0, 6.0)
+            time.sleep(delay)
+        if runner.proc.poll() is not None:
+            break
+        runner.signal(signal.SIGKILL)
+        runner.wait(60)
+        kills.append((moment, round(delay, 2)))
+        assert wait_gone(str(work)) == [], f"a VM outlived its runner (cycle {cycle})"
+    note = f"seed {seed}, kills {kills}"
+    final = Runner(counter_vmx, "--workdir", work, "--output-dir", out, "--env", f"COUNT={count}")
+    assert final.wait() == 0, final.describe() + "\n" + note
+    numbers = (out / "count.txt").read_text().split()
+    assert numbers == [str(n) for n in range(1, count + 1)], note
+    assert len((out / "boots.txt").read_text().split()) == 1, note
+    assert len(kills) == len(moments), note
