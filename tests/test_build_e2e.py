@@ -8,7 +8,6 @@ check and the failing-job check in a single boot.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -19,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import EXAMPLES, REPO, built_image, run_vmbuild
+from tests.runner_harness import processes_mentioning
 
 pytestmark = pytest.mark.slow
 
@@ -140,20 +140,6 @@ def test_validate_rejects_a_truncated_vmdk(hello_vmx: Path, tmp_path: Path) -> N
     assert "hello.vmdk" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def _qemu_processes_using(path: Path) -> list[str]:
-    found = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        if "qemu-system" in cmdline and str(path) in cmdline:
-            found.append(pid)
-    return found
-
-
 def test_ctrl_c_stops_packer_and_leaves_nothing(hello_vmx: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, "-m", "vmbuild.cli", str(EXAMPLES / "hello" /
@@ -172,7 +158,7 @@ def test_ctrl_c_stops_packer_and_leaves_nothing(hello_vmx: Path, tmp_path: Path)
     assert "interrupted" in rest and "Traceback" not in rest
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".vmbuild-")]
-    assert _qemu_processes_using(tmp_path) == []
+    assert processes_mentioning(str(tmp_path)) == []  # no QEMU, no Packer left
 
 
 def test_efi_nvme_image_boots(images_dir: Path, tmp_path: Path) -> None:
@@ -211,4 +197,4 @@ def test_failed_task_is_reported_with_its_name_and_stderr(tmp_path: Path) -> Non
     assert "Traceback" not in proc.stderr
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".vmbuild-")]
-    assert _qemu_processes_using(tmp_path) == []
+    assert processes_mentioning(str(tmp_path)) == []  # no QEMU, no Packer left

@@ -386,6 +386,21 @@ class Backend:
     async def close(self) -> None:
         """Release everything (called in all cases)."""
 
+    async def deliver(self, status: int, output_disk: Path | None, workdir: Path) -> None:
+        """Copy the outputs disk's files to --output-dir and record the job's result."""
+        from . import jobio  # jobio needs RunnerError from this module
+
+        out = self.options.output_dir
+        if out is not None and output_disk is not None and output_disk.exists():
+            try:
+                files = await asyncio.to_thread(jobio.extract_outputs, output_disk, out)
+                log(f"{len(files)} output file(s) copied to {out}")
+            except RunnerError as exc:
+                log(f"could not copy the outputs: {exc}")
+        result = {"status": status, "events": self.streams.report.events,
+                  "finished": time.time()}
+        (workdir / RESULT).write_text(json.dumps(result, indent=1) + "\n")
+
 
 def log(message: str) -> None:
     print(f"vmbuild-run: {message}", file=sys.stderr, flush=True)

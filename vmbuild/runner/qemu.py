@@ -502,17 +502,8 @@ class QemuBackend(Backend):
         await self._quit()
 
     async def finish(self, status: int) -> None:
-        out = self.options.output_dir
-        if out is not None and "output" in self.tops:
-            try:
-                files = await asyncio.to_thread(
-                    jobio.extract_outputs, self.wd.path / self.tops["output"], out)
-                log(f"{len(files)} output file(s) copied to {out}")
-            except RunnerError as exc:
-                log(f"could not copy the outputs: {exc}")
-        result = {"status": status, "events": self.streams.report.events,
-                  "finished": time.time()}
-        (self.wd.path / "result.json").write_text(json.dumps(result, indent=1) + "\n")
+        disk = self.wd.path / self.tops["output"] if "output" in self.tops else None
+        await self.deliver(status, disk, self.wd.path)
         self.wd.retire()
         self.wd.collect(self._cached_base_names(None))
 

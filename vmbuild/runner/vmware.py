@@ -286,17 +286,7 @@ class VmwareBackend(Backend):
         await self.vmrun("stop", str(self.vmx), "hard")
 
     async def finish(self, status: int) -> None:
-        out = self.options.output_dir
-        disk = self.vm_dir / "output.vmdk"
-        if out is not None and disk.exists():
-            try:
-                files = await asyncio.to_thread(jobio.extract_outputs, disk, out)
-                log(f"{len(files)} output file(s) copied to {out}")
-            except RunnerError as exc:
-                log(f"could not copy the outputs: {exc}")
-        result = {"status": status, "events": self.streams.report.events,
-                  "finished": time.time()}
-        (self.wd.path / "result.json").write_text(json.dumps(result, indent=1) + "\n")
+        await self.deliver(status, self.vm_dir / "output.vmdk", self.wd.path)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.wd.path / VMWARE_MANIFEST)
         shutil.rmtree(self.vm_dir, ignore_errors=True)
