@@ -84,6 +84,7 @@ def test_checkpoint_resume_cycles(counter_vmx: Path, tmp_path: Path) -> None:
     assert rc == 85, first.describe()
     assert exit_latency < 10, f"checkpoint took {exit_latency:.1f}s"
     assert (work / "checkpoint.json").is_file()
+    assert not list(work.glob("base-*.qcow2")), "the image's own disk must not travel"
     assert wait_gone(str(work)) == []
     seen += first.numbers
 
@@ -101,11 +102,14 @@ def test_checkpoint_resume_cycles(counter_vmx: Path, tmp_path: Path) -> None:
     assert second.wait(120) == 85, second.describe()
     seen += second.numbers
 
-    # third run, after moving the work directory elsewhere
+    # third run, after moving the work directory elsewhere, with the image copied too (as a
+    # scheduler brings both into a new sandbox: new paths, new mtimes)
     moved = tmp_path / "elsewhere" / "work-moved"
     moved.parent.mkdir()
     shutil.move(str(work), moved)
-    third = Runner(counter_vmx, "--workdir", moved, "--output-dir", out)
+    image_copy = tmp_path / "elsewhere" / "image"
+    shutil.copytree(counter_vmx.parent, image_copy)
+    third = Runner(image_copy / counter_vmx.name, "--workdir", moved, "--output-dir", out)
     third.wait_number(seen[-1] + 2)
     third.signal(signal.SIGUSR1)
     assert third.wait(120) == 85, third.describe()

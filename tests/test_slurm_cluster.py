@@ -15,6 +15,7 @@ import pytest
 
 from tests.scheduler_images import make_image
 from tests.slurm_cluster import SlurmCluster, slurm_cluster
+from vmbuild.runner.contract import CONTROL_LOG, parse_control
 from vmbuild.schedulers import SubmitOptions, write_submission
 
 __all__ = ["slurm_cluster"]
@@ -135,7 +136,7 @@ def test_real_runner_requeue_resumes(slurm_cluster: SlurmCluster, tmp_path: Path
     assert REAL_IMAGE is not None
     count = int(os.environ.get("VMBUILD_SLURM_COUNT", "40"))
     slurm_cluster.set_kill_wait(int(os.environ.get("VMBUILD_SLURM_KILLWAIT", "120")))
-    options = SubmitOptions(work_root=str(tmp_path / "work"),
+    options = SubmitOptions(work_root=str(tmp_path / "work"), keep_work=True,
                             runner_args=("--env", f"COUNT={count}"),
                             bundle=REAL_BUNDLE or "vmbuild-run.pyz")
     files = write_submission(Path(REAL_IMAGE), "slurm", tmp_path / "submit", options,
@@ -145,7 +146,12 @@ def test_real_runner_requeue_resumes(slurm_cluster: SlurmCluster, tmp_path: Path
     job = slurm_cluster.sbatch(files[0])
     name = files[0].stem
     out = tmp_path / "submit" / f"{name}-{job}.out"
-    _wait_for_number(out, 5, timeout=600)  # TCG boot: about 30 s
+    control = tmp_path / "work" / str(job) / CONTROL_LOG
+    deadline = time.monotonic() + 600  # a TCG boot takes about 30 s
+    while not (control.exists() and '"started"' in control.read_text()):
+        assert time.monotonic() < deadline, out.read_text() if out.exists() else "no output"
+        time.sleep(0.5)
+    time.sleep(float(os.environ.get("VMBUILD_SLURM_REQUEUE_AFTER", "8")))  # mid-count
     slurm_cluster.run("scontrol", "requeue", str(job))
     info = slurm_cluster.wait_for(job, DONE, timeout=1200)
     text = out.read_text()
@@ -154,8 +160,38 @@ def test_real_runner_requeue_resumes(slurm_cluster: SlurmCluster, tmp_path: Path
     assert int(info["Restarts"]) >= 1, info
     assert f"job {job} checkpointed in" in text, text  # the runner exited 85 on SIGTERM
     assert "resuming from" in text, text
-    boots = set(re.findall(r"boot ([0-9a-f-]{36})", text))
+    boots = parse_control(control.read_text()).boot_ids
     assert len(boots) == 1, f"the VM booted again instead of resuming: {boots}\n{text}"
     outputs = tmp_path / "submit" / f"{name}-outputs.{job}"
     assert _numbers((outputs / "count.txt").read_text()) == list(range(1, count + 1))
     assert len((outputs / "boots.txt").read_text().split()) == 1  # never rebooted
+
+
+@pytest.mark.skipif(not REAL_IMAGE, reason="set VMBUILD_SLURM_IMAGE=out/counter/counter.vmx "
+                                           "(the examples/counter image) to run the real runner")
+def test_real_runner_time_limit_resumes(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
+    """The real runner under a 2-minute time limit and a short KillWait: USR1 comes the
+    estimated suspend time ahead of the limit, the runner suspends, the script requeues, and
+    the count finishes over several allocations from one boot."""
+    assert REAL_IMAGE is not None
+    count = int(os.environ.get("VMBUILD_SLURM_LONG_COUNT", "150"))
+    slurm_cluster.set_kill_wait(2)
+    options = SubmitOptions(work_root=str(tmp_path / "work"), keep_work=True, time_limit="2",
+                            runner_args=("--env", f"COUNT={count}"),
+                            bundle=REAL_BUNDLE or "vmbuild-run.pyz")
+    files = write_submission(Path(REAL_IMAGE), "slurm", tmp_path / "submit", options,
+                             bundle=REAL_BUNDLE is None)
+    if REAL_BUNDLE is None and len(files) < 2:
+        pytest.skip("vmbuild.runner.bundle is not there: no runner bundle to run")
+    job = slurm_cluster.sbatch(files[0])
+    info = slurm_cluster.wait_for(job, DONE, timeout=1800)
+    name = files[0].stem
+    text = (tmp_path / "submit" / f"{name}-{job}.out").read_text()
+    print(text)
+    assert info["JobState"] == "COMPLETED", (info, text)
+    assert int(info["Restarts"]) >= 1, info
+    assert "checkpointed before its time limit; requeueing" in text, text
+    boots = parse_control((tmp_path / "work" / str(job) / CONTROL_LOG).read_text()).boot_ids
+    assert len(boots) == 1, f"the VM booted again instead of resuming: {boots}\n{text}"
+    outputs = tmp_path / "submit" / f"{name}-outputs.{job}"
+    assert _numbers((outputs / "count.txt").read_text()) == list(range(1, count + 1))

@@ -133,6 +133,8 @@ class RunOptions:
     accel: str | None = None
     vmware_type: str | None = None
     quiet: bool = False
+    keep_base: bool = False  # keep the converted image disk in the work dir after leaving
+    exit_after_checkpoint: bool = False  # periodic checkpoints end the run (HTCondor style)
 
 
 @dataclass
@@ -253,10 +255,15 @@ class Workdir:
 
 
 def manifest_files(manifest: dict[str, Any]) -> list[str]:
-    """Every file a manifest refers to (disk layers, saved state, extra files)."""
+    """Every file a checkpoint consists of (disk layers, saved state, extra files).
+
+    A layer marked ``base`` is not part of it: it is the image's own disk converted to
+    qcow2, remade from the image whenever it is missing, so it never travels with a
+    checkpoint (a scheduler moving the work directory moves only what the job wrote).
+    """
     names: list[str] = []
     for chain in manifest.get("disks", {}).values():
-        names.extend(layer["file"] for layer in chain["layers"])
+        names.extend(layer["file"] for layer in chain["layers"] if not layer.get("base"))
     if manifest.get("state"):
         names.append(manifest["state"])
     names.extend(manifest.get("files", []))
@@ -386,6 +393,13 @@ class Backend:
     async def close(self) -> None:
         """Release everything (called in all cases)."""
 
+    def vm_pid(self) -> int | None:
+        """The hypervisor process running the guest, for usage accounting (None: unknown)."""
+        return None
+
+    def vm_memory_mib(self) -> int:
+        return 0
+
     async def deliver(self, status: int, output_disk: Path | None, workdir: Path) -> None:
         """Copy the outputs disk's files to --output-dir and record the job's result."""
         from . import jobio  # jobio needs RunnerError from this module
@@ -402,6 +416,17 @@ class Backend:
         (workdir / RESULT).write_text(json.dumps(result, indent=1) + "\n")
 
 
+def _usage_reporter(backend: Backend) -> Any:
+    """Under HTCondor with +WantIOProxy, report the guest's CPU and memory into the job ad."""
+    from .chirp import UsageReporter
+
+    reporter = UsageReporter(backend.vm_pid, backend.vm_memory_mib())
+    if not reporter.enabled:
+        return None
+    log("reporting the VM's CPU and memory use to HTCondor (chirp)")
+    return reporter.start()
+
+
 def log(message: str) -> None:
     print(f"vmbuild-run: {message}", file=sys.stderr, flush=True)
 
@@ -416,6 +441,7 @@ async def drive(backend: Backend, options: RunOptions,
     if install_signals:
         for sig in handled:
             loop.add_signal_handler(sig, requests.put_nowait, sig)
+    reporter = None
     try:
         try:
             await backend.start()
@@ -425,6 +451,7 @@ async def drive(backend: Backend, options: RunOptions,
         except Exception as exc:
             log(f"the VM failed to start: {exc!r}")
             return EXIT_VM_START_FAILED
+        reporter = _usage_reporter(backend)
         # A signal that arrived while the VM was starting is handled now, below.
         deadline = None if options.timeout is None else \
             loop.time() + max(0.0, options.timeout - backend.elapsed_before)
@@ -494,11 +521,15 @@ async def drive(backend: Backend, options: RunOptions,
             if next_periodic is not None and now >= next_periodic:
                 assert periodic is not None
                 if not paused and not backend.streams.finished.is_set():
+                    leave = options.exit_after_checkpoint
                     try:
-                        await backend.checkpoint(leave=False)
+                        await backend.checkpoint(leave=leave)
                     except RunnerError:
                         if not backend.exited.is_set():
                             raise
+                    if leave and backend.checkpointed and not backend.streams.finished.is_set():
+                        log("periodic checkpoint published; exiting (--exit-after-checkpoint)")
+                        return options.checkpoint_exit_code
                     if backend.exited.is_set():
                         break
                 next_periodic = loop.time() + periodic
@@ -514,6 +545,8 @@ async def drive(backend: Backend, options: RunOptions,
         await backend.finish(status)
         return status
     finally:
+        if reporter is not None:
+            reporter.stop()
         if install_signals:
             for sig in handled:
                 loop.remove_signal_handler(sig)

@@ -87,6 +87,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="QEMU accelerator (default: KVM when a bounded probe shows it works)")
     run.add_argument("--vmware-type", choices=("ws", "player", "fusion"), default=None,
                      help="vmrun -T host type (default: fusion on macOS, else ws)")
+    run.add_argument("--exit-after-checkpoint", action="store_true",
+                     help="with --checkpoint-every: exit with the checkpoint code after each "
+                          "periodic checkpoint (HTCondor's self-checkpointing: it saves the "
+                          "checkpoint files and starts the runner again, which resumes)")
+    run.add_argument("--keep-base", action="store_true",
+                     help="QEMU: keep the image's disk converted to qcow2 in the work directory "
+                          "after a checkpoint or the end (faster local resume; by default it is "
+                          "removed, so a scheduler moves only what the job wrote)")
     run.add_argument("--quiet", action="store_true",
                      help="do not copy the job's output to stdout (it is still in job.log)")
     bundle = sub.add_parser("bundle", help="write the runner as a single-file zipapp")
@@ -121,7 +129,8 @@ def options_from(ns: argparse.Namespace) -> RunOptions:
         output_size_mib=output_size, checkpoint_every=every, checkpoint_signals=signals,
         checkpoint_exit_code=ns.checkpoint_exit_code, timeout=timeout,
         start_timeout=start_timeout, accel=ns.accel,
-        vmware_type=ns.vmware_type, quiet=ns.quiet)
+        vmware_type=ns.vmware_type, quiet=ns.quiet, keep_base=ns.keep_base,
+        exit_after_checkpoint=ns.exit_after_checkpoint)
 
 
 def run_command(ns: argparse.Namespace) -> int:

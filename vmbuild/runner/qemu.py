@@ -55,8 +55,15 @@ START_TIMEOUT = 120.0
 MAX_LAYERS = 6  # frozen layers per disk before a resume merges them
 
 
+# Signals QEMU must not act on: a scheduler's soft kill (Slurm's requeue sends SIGTERM to
+# every process of the job) is for the runner, which saves the VM before QEMU may go.
+_SHIELDED = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT}
+
+
 def _die_with_parent(parent: int) -> None:
-    """preexec_fn: SIGKILL this child when the runner dies, even by SIGKILL."""
+    """preexec_fn: SIGKILL this child when the runner dies, even by SIGKILL; block the
+    scheduler's soft-kill signals, which the runner alone handles (QEMU inherits the mask)."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, _SHIELDED)
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if os.getppid() != parent:  # the runner died before prctl took effect
@@ -110,10 +117,18 @@ def compact_chain(workdir: Path, disk: str, layers: list[str]) -> str:
 
 
 def source_key(path: Path) -> str:
-    """Identifies an image file cheaply (name, size, mtime) for the converted-base cache."""
-    st = path.stat()
-    text = f"{path.name}\0{st.st_size}\0{st.st_mtime_ns}"
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    """Identifies an image disk by content, cheaply: its size, and its first and last MiB
+    (a VMDK's header and descriptor, with the content ID its writer chose, and its grain
+    tables or footer). Unlike a name or an mtime, this survives a scheduler copying the
+    image to another sandbox, so a checkpoint finds its base again there."""
+    h = hashlib.sha256()
+    size = path.stat().st_size
+    h.update(str(size).encode())
+    with path.open("rb") as f:
+        h.update(f.read(1 << 20))
+        f.seek(max(0, size - (1 << 20)))
+        h.update(f.read(1 << 20))
+    return h.hexdigest()[:16]
 
 
 def blockdev_args(workdir: Path, disk: str, layers: list[str], top: str) -> tuple[list[str], str]:
@@ -175,6 +190,7 @@ class QemuBackend(Backend):
         if manifest is not None:
             keep = [*_names(manifest)]
             wd.collect(keep + self._cached_base_names(manifest))
+            self._ensure_bases(vmx_path, manifest)
             self.manifest = manifest
             self.chains = {d: {"layers": list(c["layers"]), "size": c["size"]}
                            for d, c in manifest["disks"].items()}
@@ -190,17 +206,8 @@ class QemuBackend(Backend):
             wd.collect(self._cached_base_names(None))
             if len(info.disks) != 1:
                 raise RunnerError("the QEMU backend runs VMs with exactly one disk")
-            vmdk = vmx_path.parent / info.disks[0].file_name
-            if not vmdk.is_file():
-                raise RunnerError(f"{vmdk}: the VM's disk is missing")
-            base = f"base-{source_key(vmdk)}.qcow2"
-            if not (wd.path / base).is_file():
-                log(f"converting {vmdk.name} to qcow2 (once per work directory)")
-                tmp = wd.path / f".{base}.tmp"
-                fmt = "vmdk" if vmdk.suffix.lower() == ".vmdk" else "raw"
-                _img("convert", "-q", "-f", fmt, "-O", "qcow2", str(vmdk), str(tmp))
-                os.replace(tmp, wd.path / base)
-            self.chains["system"] = {"layers": [{"file": base}],
+            base = self._convert_base(self._image_disk(vmx_path), None)
+            self.chains["system"] = {"layers": [{"file": base, "base": True}],
                                      "size": virtual_size(wd.path / base)}
             opts = self.options
             if opts.inputs or opts.args or opts.env:
@@ -219,6 +226,43 @@ class QemuBackend(Backend):
             top = wd.unique(f"{disk}-layer", ".qcow2")
             create_layer(wd.path, top, chain["layers"][-1]["file"], chain["size"])
             self.tops[disk] = top
+
+    def _image_disk(self, vmx_path: Path) -> Path:
+        vmdk = vmx_path.parent / self.info.disks[0].file_name
+        if not vmdk.is_file():
+            raise RunnerError(f"{vmdk}: the VM's disk is missing")
+        return vmdk
+
+    def _convert_base(self, vmdk: Path, expected: str | None) -> str:
+        """The image's disk as a qcow2 base in the work directory (QEMU cannot migrate a
+        VM whose disk is a VMDK); `expected` is the name a checkpoint recorded."""
+        base = f"base-{source_key(vmdk)}.qcow2"
+        if expected is not None and base != expected:
+            raise RunnerError(f"the checkpoint in {self.wd.path} belongs to another image "
+                              f"(its disk was {expected}, {vmdk.name} is {base})")
+        if not (self.wd.path / base).is_file():
+            log(f"converting {vmdk.name} to qcow2 (the work directory's base layer)")
+            tmp = self.wd.path / f".{base}.tmp"
+            fmt = "vmdk" if vmdk.suffix.lower() == ".vmdk" else "raw"
+            _img("convert", "-q", "-f", fmt, "-O", "qcow2", str(vmdk), str(tmp))
+            os.replace(tmp, self.wd.path / base)
+        return base
+
+    def _ensure_bases(self, vmx_path: Path, manifest: dict[str, Any]) -> None:
+        for chain in manifest["disks"].values():
+            for layer in chain["layers"]:
+                if layer.get("base") and not (self.wd.path / layer["file"]).is_file():
+                    self._convert_base(self._image_disk(vmx_path), layer["file"])
+
+    def _drop_bases(self) -> None:
+        """Leave only what the job wrote: the base is remade from the image on resume."""
+        if self.options.keep_base:
+            return
+        for chain in self.chains.values():
+            for layer in chain["layers"]:
+                if layer.get("base"):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(self.wd.path / layer["file"])
 
     def _compact(self) -> None:
         """Merge the frozen layers above each base into one (periodic checkpoints add a
@@ -479,6 +523,7 @@ class QemuBackend(Backend):
             f"({size / 1048576:.0f} MiB in the work directory)")
         if leave:
             await self._quit()
+            self._drop_bases()
         else:
             await self._cmd("cont")
 
@@ -506,6 +551,15 @@ class QemuBackend(Backend):
         await self.deliver(status, disk, self.wd.path)
         self.wd.retire()
         self.wd.collect(self._cached_base_names(None))
+        self._drop_bases()
+
+    def vm_pid(self) -> int | None:
+        if self.proc is not None and self.proc.returncode is None:
+            return self.proc.pid
+        return None
+
+    def vm_memory_mib(self) -> int:
+        return self.info.memory_mib
 
     async def close(self) -> None:
         if self.proc is not None and self.proc.returncode is None:

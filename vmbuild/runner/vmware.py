@@ -291,6 +291,11 @@ class VmwareBackend(Backend):
             os.unlink(self.wd.path / VMWARE_MANIFEST)
         shutil.rmtree(self.vm_dir, ignore_errors=True)
 
+    def vm_pid(self) -> int | None:
+        from .chirp import vm_pid_for
+
+        return vm_pid_for(self.vmx)
+
     async def close(self) -> None:
         if self.follower is not None:
             self.follower.cancel()

@@ -91,7 +91,9 @@ def runner_argv(facts: ImageFacts, options: SubmitOptions, job_dir: str,
     for item in inputs:
         argv += ["--input", item]
     if options.checkpoint_every:
-        argv += ["--checkpoint-every", options.checkpoint_every]
+        # HTCondor saves a checkpoint only when the job exits with checkpoint_exit_code;
+        # it then starts the runner again at once, which resumes from it.
+        argv += ["--checkpoint-every", options.checkpoint_every, "--exit-after-checkpoint"]
     argv += list(options.runner_args)
     return argv
 
