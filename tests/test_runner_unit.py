@@ -272,6 +272,7 @@ class FakeBackend(core.Backend):
 
     async def checkpoint(self, leave: bool) -> None:
         self.calls.append("checkpoint-leave" if leave else "checkpoint")
+        self.checkpointed = True
         if leave:
             self.exited.set()
 
@@ -382,6 +383,16 @@ def test_drive_periodic_checkpoints_and_timeout(tmp_path: Path) -> None:
     assert rc == EXIT_JOB_TIMEOUT
     assert backend.calls.count("checkpoint") >= 3
     assert backend.calls[-1] == "poweroff"
+
+
+def test_drive_exit_after_periodic_checkpoint(tmp_path: Path) -> None:
+    """HTCondor self-checkpointing: the periodic checkpoint ends the run with code 85."""
+    async def script(b: core.Backend) -> None:
+        _guest_says(b, {"event": "started"})
+
+    rc, backend, _ = _drive(tmp_path, script, checkpoint_every=0.1, exit_after_checkpoint=True)
+    assert rc == EXIT_CHECKPOINTED
+    assert backend.calls == ["start", "checkpoint-leave"]
 
 
 def test_drive_ignores_checkpoint_signal_after_the_job_ended(tmp_path: Path) -> None:
