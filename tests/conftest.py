@@ -67,3 +67,9 @@ def built_image(images_dir: Path, recipe: Path, name: str, *extra: str) -> Path:
 @pytest.fixture(scope="session")
 def hello_vmx(images_dir: Path) -> Path:
     return built_image(images_dir, EXAMPLES / "hello" / "recipe.yaml", "hello")
+
+
+@pytest.fixture(scope="session")
+def counter_vmx(images_dir: Path) -> Path:
+    """The examples/counter image: counts 1..COUNT, one a second, to stdout and outputs."""
+    return built_image(images_dir, EXAMPLES / "counter" / "recipe.yaml", "counter")

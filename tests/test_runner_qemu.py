@@ -19,18 +19,12 @@ import pytest
 
 from vmbuild.runner.bundle import write_bundle
 
-from .conftest import EXAMPLES, built_image
 from .runner_harness import Runner, processes_mentioning, wait_gone
 
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="needs QEMU"),
 ]
-
-
-@pytest.fixture(scope="session")
-def counter_vmx(images_dir: Path) -> Path:
-    return built_image(images_dir, EXAMPLES / "counter" / "recipe.yaml", "counter")
 
 
 def control_events(workdir: Path) -> list[dict[str, object]]:

@@ -123,23 +123,29 @@ def test_short_killwait_safe_with_signal_lead(slurm_cluster: SlurmCluster,
     assert "checkpointed before its time limit; requeueing" in out
 
 
-REAL_IMAGE = os.environ.get("VMBUILD_SLURM_IMAGE")
 REAL_BUNDLE = os.environ.get("VMBUILD_SLURM_BUNDLE")  # a runner bundle to use instead
 
 
-@pytest.mark.skipif(not REAL_IMAGE, reason="set VMBUILD_SLURM_IMAGE=out/counter/counter.vmx "
-                                           "(the examples/counter image) to run the real runner")
-def test_real_runner_requeue_resumes(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
+@pytest.fixture
+def real_image(request: pytest.FixtureRequest) -> Path:
+    """The counter image: $VMBUILD_SLURM_IMAGE, else the session's build of examples/counter."""
+    given = os.environ.get("VMBUILD_SLURM_IMAGE")
+    if given:
+        return Path(given)
+    return Path(request.getfixturevalue("counter_vmx"))
+
+
+def test_real_runner_requeue_resumes(slurm_cluster: SlurmCluster, real_image: Path,
+                                     tmp_path: Path) -> None:
     """The real runner bundle and VM under the generated script: `scontrol requeue` while the
     counter image counts; the VM is suspended within KillWait (the runner exits 85), the job
     requeued and resumed (no second boot), and the outputs hold 1..COUNT once."""
-    assert REAL_IMAGE is not None
     count = int(os.environ.get("VMBUILD_SLURM_COUNT", "40"))
     slurm_cluster.set_kill_wait(int(os.environ.get("VMBUILD_SLURM_KILLWAIT", "120")))
     options = SubmitOptions(work_root=str(tmp_path / "work"), keep_work=True,
                             runner_args=("--env", f"COUNT={count}"),
                             bundle=REAL_BUNDLE or "vmbuild-run.pyz")
-    files = write_submission(Path(REAL_IMAGE), "slurm", tmp_path / "submit", options,
+    files = write_submission(real_image, "slurm", tmp_path / "submit", options,
                              bundle=REAL_BUNDLE is None)
     if REAL_BUNDLE is None and len(files) < 2:
         pytest.skip("vmbuild.runner.bundle is not there: no runner bundle to run")
@@ -167,19 +173,17 @@ def test_real_runner_requeue_resumes(slurm_cluster: SlurmCluster, tmp_path: Path
     assert len((outputs / "boots.txt").read_text().split()) == 1  # never rebooted
 
 
-@pytest.mark.skipif(not REAL_IMAGE, reason="set VMBUILD_SLURM_IMAGE=out/counter/counter.vmx "
-                                           "(the examples/counter image) to run the real runner")
-def test_real_runner_time_limit_resumes(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
+def test_real_runner_time_limit_resumes(slurm_cluster: SlurmCluster, real_image: Path,
+                                        tmp_path: Path) -> None:
     """The real runner under a 2-minute time limit and a short KillWait: USR1 comes the
     estimated suspend time ahead of the limit, the runner suspends, the script requeues, and
     the count finishes over several allocations from one boot."""
-    assert REAL_IMAGE is not None
     count = int(os.environ.get("VMBUILD_SLURM_LONG_COUNT", "150"))
     slurm_cluster.set_kill_wait(2)
     options = SubmitOptions(work_root=str(tmp_path / "work"), keep_work=True, time_limit="2",
                             runner_args=("--env", f"COUNT={count}"),
                             bundle=REAL_BUNDLE or "vmbuild-run.pyz")
-    files = write_submission(Path(REAL_IMAGE), "slurm", tmp_path / "submit", options,
+    files = write_submission(real_image, "slurm", tmp_path / "submit", options,
                              bundle=REAL_BUNDLE is None)
     if REAL_BUNDLE is None and len(files) < 2:
         pytest.skip("vmbuild.runner.bundle is not there: no runner bundle to run")
