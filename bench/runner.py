@@ -44,7 +44,8 @@ def cpu_seconds(pid: int) -> float:
 def checkpoint_size(work: Path) -> tuple[int, int, int]:
     """(bytes allocated on disk, apparent bytes, saved-state bytes) of the checkpoint."""
     manifest = json.loads((work / "checkpoint.json").read_text())
-    names = [layer["file"] for chain in manifest["disks"].values() for layer in chain["layers"]]
+    names = [layer["file"] for chain in manifest["disks"].values() for layer in chain["layers"]
+             if not layer.get("base")]  # the image's own disk is not part of a checkpoint
     names.append(manifest["state"])
     allocated = sum((work / n).stat().st_blocks * 512 for n in names)
     apparent = sum((work / n).stat().st_size for n in names)
@@ -64,6 +65,7 @@ def image(args: argparse.Namespace) -> Path:
 
 
 def one_run(vmx: Path, work: Path, cpu_window: float) -> dict[str, float]:
+    begun = time.monotonic()
     runner = Runner(vmx, "--workdir", work, "--env", "COUNT=100000", "--quiet")
     # --quiet: the job's output still goes to job.log; follow that instead of stdout
     log = work / "job.log"
@@ -72,6 +74,7 @@ def one_run(vmx: Path, work: Path, cpu_window: float) -> dict[str, float]:
         if time.monotonic() > deadline or runner.proc.poll() is not None:
             raise SystemExit("the job did not start: " + runner.describe())
         time.sleep(0.2)
+    fresh = time.monotonic() - begun  # the baseline: a cold boot to the job's first output
     c0, t0 = cpu_seconds(runner.proc.pid), time.monotonic()
     time.sleep(cpu_window)
     cpu = (cpu_seconds(runner.proc.pid) - c0) / (time.monotonic() - t0)
@@ -89,6 +92,7 @@ def one_run(vmx: Path, work: Path, cpu_window: float) -> dict[str, float]:
     again.signal(signal.SIGUSR1)
     again.wait(300)
     return {"cpu_percent": 100 * cpu, "suspend_s": suspend, "resume_s": resume,
+            "fresh_start_s": fresh,
             "checkpoint_allocated_mib": allocated / 2**20,
             "checkpoint_apparent_mib": apparent / 2**20, "state_mib": state / 2**20}
 
@@ -116,6 +120,7 @@ def main() -> int:
     labels = {
         "suspend_s": "suspend latency (SIGUSR1 to runner exit), s",
         "resume_s": "resume latency (runner start to the next number), s",
+        "fresh_start_s": "baseline: fresh start (runner start to the first number), s",
         "checkpoint_allocated_mib": "checkpoint on disk (allocated, all layers + state), MiB",
         "checkpoint_apparent_mib": "checkpoint apparent size, MiB",
         "state_mib": "  of which the saved VM state, MiB",
@@ -124,6 +129,9 @@ def main() -> int:
     for key, label in labels.items():
         value = statistics.median(r[key] for r in results)
         print(f"  {label:<58} {value:8.2f}")
+    resume = statistics.median(r["resume_s"] for r in results)
+    fresh = statistics.median(r["fresh_start_s"] for r in results)
+    print(f"  {'resume / fresh start':<58} {resume / fresh:8.2f}x")
     return 0
 
 

@@ -72,3 +72,22 @@ def test_output_dir_that_is_not_an_image_is_refused(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert "precious" in proc.stderr
     assert (out / "thesis.tex").read_text() == "do not delete"
+
+
+def test_run_is_wired_to_the_runner(tmp_path: Path) -> None:
+    proc = run_vmbuild("run", "--help", timeout=60)
+    assert proc.returncode == 0
+    assert "85" in proc.stdout and "--checkpoint-every" in proc.stdout
+    proc = run_vmbuild("run", tmp_path / "missing.vmx", "--workdir", tmp_path / "w", timeout=60)
+    assert proc.returncode in (2, 90)
+    assert "missing.vmx" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_runner_bundle_runs_with_a_plain_python(tmp_path: Path) -> None:
+    import subprocess
+
+    bundle = tmp_path / "vmbuild-run.pyz"
+    assert run_vmbuild("runner-bundle", "-o", bundle, timeout=60).returncode == 0
+    proc = subprocess.run(["/usr/bin/python3", "-I", str(bundle), "run", "--help"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "--workdir" in proc.stdout
