@@ -135,6 +135,20 @@ def real_image(request: pytest.FixtureRequest) -> Path:
     return Path(request.getfixturevalue("counter_vmx"))
 
 
+def _submit_counter(cluster: SlurmCluster, image: Path, tmp_path: Path, count: int,
+                    time_limit: str | None = None) -> tuple[int, str]:
+    """sbatch the generated script for the counter image with the real runner bundle;
+    return (job id, script name)."""
+    options = SubmitOptions(work_root=str(tmp_path / "work"), keep_work=True,
+                            time_limit=time_limit, runner_args=("--env", f"COUNT={count}"),
+                            bundle=REAL_BUNDLE or "vmbuild-run.pyz")
+    files = write_submission(image, "slurm", tmp_path / "submit", options,
+                             bundle=REAL_BUNDLE is None)
+    if REAL_BUNDLE is None and len(files) < 2:
+        pytest.skip("vmbuild.runner.bundle is not there: no runner bundle to run")
+    return cluster.sbatch(files[0]), files[0].stem
+
+
 def test_real_runner_requeue_resumes(slurm_cluster: SlurmCluster, real_image: Path,
                                      tmp_path: Path) -> None:
     """The real runner bundle and VM under the generated script: `scontrol requeue` while the
@@ -142,15 +156,7 @@ def test_real_runner_requeue_resumes(slurm_cluster: SlurmCluster, real_image: Pa
     requeued and resumed (no second boot), and the outputs hold 1..COUNT once."""
     count = int(os.environ.get("VMBUILD_SLURM_COUNT", "40"))
     slurm_cluster.set_kill_wait(int(os.environ.get("VMBUILD_SLURM_KILLWAIT", "120")))
-    options = SubmitOptions(work_root=str(tmp_path / "work"), keep_work=True,
-                            runner_args=("--env", f"COUNT={count}"),
-                            bundle=REAL_BUNDLE or "vmbuild-run.pyz")
-    files = write_submission(real_image, "slurm", tmp_path / "submit", options,
-                             bundle=REAL_BUNDLE is None)
-    if REAL_BUNDLE is None and len(files) < 2:
-        pytest.skip("vmbuild.runner.bundle is not there: no runner bundle to run")
-    job = slurm_cluster.sbatch(files[0])
-    name = files[0].stem
+    job, name = _submit_counter(slurm_cluster, real_image, tmp_path, count)
     out = tmp_path / "submit" / f"{name}-{job}.out"
     control = tmp_path / "work" / str(job) / CONTROL_LOG
     deadline = time.monotonic() + 600  # a TCG boot takes about 30 s
@@ -180,16 +186,8 @@ def test_real_runner_time_limit_resumes(slurm_cluster: SlurmCluster, real_image:
     the count finishes over several allocations from one boot."""
     count = int(os.environ.get("VMBUILD_SLURM_LONG_COUNT", "150"))
     slurm_cluster.set_kill_wait(2)
-    options = SubmitOptions(work_root=str(tmp_path / "work"), keep_work=True, time_limit="2",
-                            runner_args=("--env", f"COUNT={count}"),
-                            bundle=REAL_BUNDLE or "vmbuild-run.pyz")
-    files = write_submission(real_image, "slurm", tmp_path / "submit", options,
-                             bundle=REAL_BUNDLE is None)
-    if REAL_BUNDLE is None and len(files) < 2:
-        pytest.skip("vmbuild.runner.bundle is not there: no runner bundle to run")
-    job = slurm_cluster.sbatch(files[0])
+    job, name = _submit_counter(slurm_cluster, real_image, tmp_path, count, time_limit="2")
     info = slurm_cluster.wait_for(job, DONE, timeout=1800)
-    name = files[0].stem
     text = (tmp_path / "submit" / f"{name}-{job}.out").read_text()
     print(text)
     assert info["JobState"] == "COMPLETED", (info, text)

@@ -180,6 +180,19 @@ def write_atomic(path: Path, data: bytes) -> None:
     fsync_path(path.parent)
 
 
+def read_json(path: Path, what: str) -> dict[str, Any] | None:
+    """A JSON object file the runner wrote, or None when absent; unreadable is an error."""
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise RunnerError(f"{path}: unreadable {what}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise RunnerError(f"{path}: not a {what}")
+    return data
+
+
 class Workdir:
     """The run's directory: checkpoint manifest, disk layers, saved state, logs."""
 
@@ -205,13 +218,10 @@ class Workdir:
 
     def load_manifest(self) -> dict[str, Any] | None:
         path = self.path / MANIFEST
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
+        data = read_json(path, "checkpoint manifest")
+        if data is None:
             return None
-        except (OSError, ValueError) as exc:
-            raise RunnerError(f"{path}: unreadable checkpoint manifest: {exc}") from exc
-        if not isinstance(data, dict) or data.get("version") != MANIFEST_VERSION:
+        if data.get("version") != MANIFEST_VERSION:
             raise RunnerError(f"{path}: not a checkpoint manifest this runner understands")
         missing = [n for n in manifest_files(data) if not (self.path / n).is_file()]
         if missing:

@@ -34,7 +34,16 @@ from pathlib import Path
 from typing import Any
 
 from . import jobio
-from .core import Backend, JobStreams, RunnerError, RunOptions, Workdir, log, write_atomic
+from .core import (
+    Backend,
+    JobStreams,
+    RunnerError,
+    RunOptions,
+    Workdir,
+    log,
+    read_json,
+    write_atomic,
+)
 from .vmx import VmxError, load_vmx, read_vmx_text, vmx_escape, vmx_info
 
 POLL = 0.25  # seconds between looks at the serial files and the lock directory
@@ -109,14 +118,7 @@ class VmwareBackend(Backend):
     # ---------------------------------------------------------------- preparation
 
     def _manifest(self) -> dict[str, Any] | None:
-        path = self.wd.path / VMWARE_MANIFEST
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError) as exc:
-            raise RunnerError(f"{path}: unreadable: {exc}") from exc
-        return data if isinstance(data, dict) else None
+        return read_json(self.wd.path / VMWARE_MANIFEST, "VMware run record")
 
     def _publish(self, state: str) -> None:
         manifest = {"version": 1, "backend": "vmware", "vmx": f"{VM_DIR}/{self.vmx.name}",
