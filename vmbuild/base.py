@@ -24,6 +24,7 @@ from vmbuild import diskimage
 from vmbuild.errors import BuildError, UsageError
 from vmbuild.events import Event, Reporter, Stage
 from vmbuild.recipe import Recipe
+from vmbuild.tools import run_tool
 
 # Bump when the base's construction changes in a way the settings below do not capture.
 BASE_FORMAT = 3
@@ -264,10 +265,8 @@ def _build(settings: BaseSettings, work: Path, stage: Stage) -> dict[str, object
     raw = work / "base.raw"
     diskimage.assemble_disk(rootfs, raw, layout)
     stage.step("converting the disk to qcow2")
-    proc = subprocess.run(["qemu-img", "convert", "-O", "qcow2", str(raw),
-                           str(work / "base.qcow2")], capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise BuildError("qemu-img convert failed: " + proc.stderr.strip())
+    run_tool(["qemu-img", "convert", "-O", "qcow2", str(raw), str(work / "base.qcow2")],
+             "converting the base disk to qcow2")
     raw.unlink()
     return {"settings": settings.to_json(), "root_uuid": layout.root_uuid,
             "packages": packages_installed}
@@ -292,15 +291,11 @@ def _configure_rootfs(root: Path, layout: diskimage.DiskLayout) -> None:
         key.unlink()
     enable = ["chroot", str(root), "systemctl", "enable", "systemd-networkd",
               "systemd-resolved", "vmbuild-build-access.service"]
-    proc = subprocess.run(enable, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise BuildError("enabling base services failed: " + proc.stderr.strip())
+    run_tool(enable, "enabling base services")
 
 
 def _dpkg_list(root: Path) -> dict[str, str]:
-    proc = subprocess.run(["chroot", str(root), "dpkg-query", "-W", "-f",
-                           "${Package}\t${Version}\n"], capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise BuildError("dpkg-query in the base failed: " + proc.stderr.strip())
-    pairs = (line.split("\t", 1) for line in proc.stdout.splitlines() if "\t" in line)
+    stdout = run_tool(["chroot", str(root), "dpkg-query", "-W", "-f",
+                       "${Package}\t${Version}\n"], "listing the base's packages")
+    pairs = (line.split("\t", 1) for line in stdout.splitlines() if "\t" in line)
     return dict(sorted((name, version) for name, version in pairs))

@@ -11,7 +11,6 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ from vmbuild.playbook import write_playbook
 from vmbuild.recipe import Recipe, recipe_to_dict
 from vmbuild.runner.accel import best_accelerator
 from vmbuild.runner.qemu_devices import find_ovmf
+from vmbuild.tools import run_tool
 from vmbuild.validate import DEFAULT_BOOT_TIMEOUT, validate_image
 from vmbuild.vmware import render_vmx
 
@@ -80,15 +80,8 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _run(argv: list[str], what: str) -> str:
-    proc = subprocess.run(argv, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise BuildError(f"{what} failed: {proc.stderr.strip() or proc.stdout.strip()}")
-    return proc.stdout
-
-
 def _keygen(path: Path, comment: str) -> None:
-    _run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(path)],
+    run_tool(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(path)],
          "ssh-keygen")
 
 
@@ -169,7 +162,7 @@ def _app_stage(recipe: Recipe, base: BaseImage, work: Path,
         (keys / "known_hosts").write_text(f"vmbuild-guest {host_pub[0]} {host_pub[1]}\n")
 
         disk = work / "app-input.qcow2"
-        _run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(base.disk),
+        run_tool(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(base.disk),
               str(disk)], "creating the build layer")
         ansible = work / "ansible"
         playbook = write_playbook(recipe, ansible / "project")
@@ -230,13 +223,13 @@ def _artifact(recipe: Recipe, base: BaseImage, packer: str, disk: Path, work: Pa
         subformat = recipe.output.vmdk
         adapter = {"pvscsi": "lsilogic", "lsilogic": "lsilogic", "sata": "ide",
                    "nvme": "lsilogic"}[recipe.output.disk_controller]
-        _run(["qemu-img", "convert", "-O", "vmdk", "-o",
+        run_tool(["qemu-img", "convert", "-O", "vmdk", "-o",
               f"subformat={subformat},adapter_type={adapter},hwversion=6"
               if subformat == "monolithicSparse" else f"subformat={subformat}",
               str(disk), str(vmdk)], "converting to VMDK")
         vmx = staged / f"{recipe.name}.vmx"
         vmx.write_text(render_vmx(recipe, vmdk.name))
-        info = json.loads(_run(["qemu-img", "info", "--output=json", "-U", str(disk)],
+        info = json.loads(run_tool(["qemu-img", "info", "--output=json", "-U", str(disk)],
                                "qemu-img info"))
         packages_file = work / "packages.json"
         packages = json.loads(packages_file.read_text()) if packages_file.exists() else {}

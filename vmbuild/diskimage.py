@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import shutil
 import struct
-import subprocess
 import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 from vmbuild.errors import BuildError
+from vmbuild.tools import run_tool
 
 SECTOR = 512
 MIB = 1024 * 1024
@@ -69,13 +69,6 @@ def plan_layout(size: int, firmware: str, root_uuid: str | None = None) -> DiskL
         return DiskLayout(size, firmware, root_offset, root_size, rid, esp_offset, ESP_SIZE)
     root_size = size - FIRST_PARTITION_OFFSET
     return DiskLayout(size, firmware, FIRST_PARTITION_OFFSET, root_size, rid)
-
-
-def _run(argv: list[str], what: str, stdin: str | None = None) -> None:
-    proc = subprocess.run(argv, input=stdin, capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        detail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-        raise BuildError(f"{what} failed ({argv[0]} exit {proc.returncode}): " + " / ".join(detail))
 
 
 def grub_cfg(layout: DiskLayout, cmdline: str) -> str:
@@ -139,12 +132,12 @@ def _partition(disk: Path, layout: DiskLayout) -> None:
         )
     else:
         script = f"label: dos\nstart={start}, size={sectors}, type=83, bootable\n"
-    _run(["sfdisk", "--no-reread", "--no-tell-kernel", "-q", str(disk)], "sfdisk", script)
+    run_tool(["sfdisk", "--no-reread", "--no-tell-kernel", "-q", str(disk)], "sfdisk", script)
 
 
 def _make_root_fs(disk: Path, root: Path, layout: DiskLayout) -> None:
     blocks = layout.root_size // 4096
-    _run(
+    run_tool(
         ["mkfs.ext4", "-q", "-F", "-L", "vmroot", "-U", layout.root_uuid, "-b", "4096",
          "-d", str(root), "-E", f"offset={layout.root_offset},nodiscard",
          str(disk), str(blocks)],
@@ -156,7 +149,7 @@ def _install_grub_bios(disk: Path, layout: DiskLayout, work: Path) -> None:
     early = work / "early.cfg"
     early.write_text(_early_cfg(layout))
     core = work / "core.img"
-    _run(["grub-mkimage", "-O", "i386-pc", "-o", str(core), "-c", str(early),
+    run_tool(["grub-mkimage", "-O", "i386-pc", "-o", str(core), "-c", str(early),
           "-p", "/boot/grub", *_BIOS_MODULES], "grub-mkimage (i386-pc)")
     core_img = bytearray(core.read_bytes())
     if len(core_img) % SECTOR:
@@ -182,15 +175,15 @@ def _install_grub_efi(disk: Path, layout: DiskLayout, work: Path) -> None:
     early = work / "early.cfg"
     early.write_text(_early_cfg(layout))
     efi = work / "BOOTX64.EFI"
-    _run(["grub-mkimage", "-O", "x86_64-efi", "-o", str(efi), "-c", str(early),
+    run_tool(["grub-mkimage", "-O", "x86_64-efi", "-o", str(efi), "-c", str(early),
           "-p", "/boot/grub", *_EFI_MODULES], "grub-mkimage (x86_64-efi)")
     esp = work / "esp.img"
-    _run(["mkfs.fat", "-C", "-F", "32", "-n", "ESP", str(esp), str(layout.esp_size // 1024)],
+    run_tool(["mkfs.fat", "-C", "-F", "32", "-n", "ESP", str(esp), str(layout.esp_size // 1024)],
          "mkfs.fat")
     for d in ("::/EFI", "::/EFI/BOOT"):
-        _run(["mmd", "-i", str(esp), d], "mmd")
+        run_tool(["mmd", "-i", str(esp), d], "mmd")
     # The removable-media path needs no NVRAM boot entry, so VMware and OVMF both find it.
-    _run(["mcopy", "-i", str(esp), str(efi), "::/EFI/BOOT/BOOTX64.EFI"], "mcopy")
+    run_tool(["mcopy", "-i", str(esp), str(efi), "::/EFI/BOOT/BOOTX64.EFI"], "mcopy")
     with esp.open("rb") as src, disk.open("r+b") as dst:
         dst.seek(layout.esp_offset)
         shutil.copyfileobj(src, dst, 4 * MIB)
