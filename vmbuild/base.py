@@ -24,6 +24,7 @@ from vmbuild import diskimage
 from vmbuild.errors import BuildError, UsageError
 from vmbuild.events import Event, Reporter, Stage
 from vmbuild.recipe import Recipe
+from vmbuild.runner.accel import cache_root
 from vmbuild.tools import run_tool
 
 # Bump when the base's construction changes in a way the settings below do not capture.
@@ -155,14 +156,6 @@ def base_settings(recipe: Recipe) -> BaseSettings:
 
 def base_key(recipe: Recipe) -> str:
     return base_settings(recipe).key
-
-
-def cache_root() -> Path:
-    env = os.environ.get("VMBUILD_CACHE")
-    if env:
-        return Path(env)
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "vmbuild"
 
 
 @contextlib.contextmanager

@@ -81,10 +81,18 @@ def best_accelerator() -> str:
     return accel
 
 
+def cache_root() -> Path:
+    """Where vmbuild keeps what it can remake (base images, this probe's verdict):
+    $VMBUILD_CACHE, else $XDG_CACHE_HOME/vmbuild, else ~/.cache/vmbuild."""
+    env = os.environ.get("VMBUILD_CACHE")
+    if env:
+        return Path(env)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "vmbuild"
+
+
 def _cache_file() -> Path:
-    root = os.environ.get("VMBUILD_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "vmbuild")
-    return Path(root) / "accel.json"
+    return cache_root() / "accel.json"
 
 
 def _probe_key() -> str:
