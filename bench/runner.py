@@ -32,6 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from tests.runner_harness import Runner  # noqa: E402
+from vmbuild.runner.core import manifest_files  # noqa: E402
 
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -44,9 +45,7 @@ def cpu_seconds(pid: int) -> float:
 def checkpoint_size(work: Path) -> tuple[int, int, int]:
     """(bytes allocated on disk, apparent bytes, saved-state bytes) of the checkpoint."""
     manifest = json.loads((work / "checkpoint.json").read_text())
-    names = [layer["file"] for chain in manifest["disks"].values() for layer in chain["layers"]
-             if not layer.get("base")]  # the image's own disk is not part of a checkpoint
-    names.append(manifest["state"])
+    names = manifest_files(manifest)  # the image's own disk is not part of a checkpoint
     allocated = sum((work / n).stat().st_blocks * 512 for n in names)
     apparent = sum((work / n).stat().st_size for n in names)
     return allocated, apparent, (work / manifest["state"]).stat().st_size

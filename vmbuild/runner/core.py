@@ -24,6 +24,7 @@ import fcntl
 import json
 import os
 import re
+import shutil
 import signal
 import sys
 import time
@@ -254,8 +255,6 @@ class Workdir:
                 continue
             target = self.path / entry
             if target.is_dir() and not target.is_symlink():
-                import shutil
-
                 shutil.rmtree(target, ignore_errors=True)
             else:
                 with contextlib.suppress(FileNotFoundError):

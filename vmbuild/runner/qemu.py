@@ -45,7 +45,15 @@ from qemu.qmp import QMPClient  # type: ignore[import-untyped,unused-ignore]
 from . import jobio
 from .accel import best_accelerator, qemu_binary
 from .contract import EXIT_VM_START_FAILED
-from .core import Backend, JobStreams, RunnerError, RunOptions, Workdir, log
+from .core import (
+    Backend,
+    JobStreams,
+    RunnerError,
+    RunOptions,
+    Workdir,
+    log,
+    manifest_files,
+)
 from .qemu_devices import BLOCKDEV, ExtraDrive, qemu_argv
 from .vmx import VmxError, VmxInfo, load_vmx, vmx_info
 
@@ -188,7 +196,7 @@ class QemuBackend(Backend):
         manifest = wd.load_manifest()
         info = self.info
         if manifest is not None:
-            keep = [*_names(manifest)]
+            keep = manifest_files(manifest)
             wd.collect(keep + self._cached_base_names(manifest))
             self._ensure_bases(vmx_path, manifest)
             self.manifest = manifest
@@ -278,7 +286,7 @@ class QemuBackend(Backend):
         manifest = {**self.manifest, "disks": self.chains}
         self.wd.publish(manifest)
         self.manifest = manifest
-        self.wd.collect([*_names(manifest), *self._cached_base_names(manifest)])
+        self.wd.collect([*manifest_files(manifest), *self._cached_base_names(manifest)])
         log(f"merged the checkpoint's disk layers ({', '.join(self.chains)})")
 
     def _cached_base_names(self, manifest: dict[str, Any] | None) -> list[str]:
@@ -518,7 +526,7 @@ class QemuBackend(Backend):
         if previous_state and previous_state != state:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.wd.path / previous_state)
-        size = sum((self.wd.path / n).stat().st_size for n in _names(manifest))
+        size = sum((self.wd.path / n).stat().st_size for n in manifest_files(manifest))
         log(f"checkpoint {sequence} published in {time.monotonic() - t0:.1f}s "
             f"({size / 1048576:.0f} MiB in the work directory)")
         if leave:
@@ -571,8 +579,3 @@ class QemuBackend(Backend):
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
 
-
-def _names(manifest: dict[str, Any]) -> list[str]:
-    from .core import manifest_files
-
-    return manifest_files(manifest)
