@@ -8,6 +8,7 @@ then powered itself off within the bound.
 
 from __future__ import annotations
 
+import codecs
 import subprocess
 import tempfile
 import time
@@ -75,23 +76,23 @@ def boot(vmx: Path, report: Reporter, *, timeout: float = DEFAULT_BOOT_TIMEOUT,
 
 def _watch(argv: list[str], logs: list[Path], report: Reporter, timeout: float) -> BootResult:
     console, job, control = logs
+    qemu_log = console.with_name("qemu.log")  # a file, not a pipe nobody reads until the end
     started = time.monotonic()
-    shown = 0
     output = JobOutputFilter()
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     job_output = ""
     pending_line = ""
     powered_off = False
-    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as proc:
+    with qemu_log.open("wb") as qemu_out, job.open("rb") as job_in, \
+            subprocess.Popen(argv, stdout=qemu_out, stderr=subprocess.STDOUT) as proc:
         while True:
             try:
                 proc.wait(timeout=0.5)
                 powered_off = True
             except subprocess.TimeoutExpired:
                 pass
-            data = job.read_bytes()
-            if len(data) > shown:
-                fresh = output.feed(data[shown:]).decode(errors="replace")
-                shown = len(data)
+            fresh = decoder.decode(output.feed(job_in.read()))  # only what is new
+            if fresh:
                 job_output += fresh
                 *lines, pending_line = (pending_line + fresh).split("\n")
                 for line in lines:
@@ -102,7 +103,7 @@ def _watch(argv: list[str], logs: list[Path], report: Reporter, timeout: float) 
                 proc.kill()
                 proc.wait()
                 break
-        qemu_said = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
+    qemu_said = qemu_log.read_text(errors="replace")
     if pending_line:
         report(Event("validate", "output", pending_line))
     seconds = time.monotonic() - started
