@@ -8,6 +8,7 @@ import shutil
 import struct
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -59,18 +60,29 @@ needs_tools = pytest.mark.skipif(
     reason="disk tools missing (scripts/setup.sh installs them)")
 
 
-@needs_tools
-def test_bios_disk_has_grub_in_the_mbr_and_the_tree_in_ext4(tmp_path: Path) -> None:
+def _partition_table(disk: Path) -> dict[str, Any]:
+    proc = subprocess.run(["sfdisk", "--json", str(disk)], capture_output=True, text=True,
+                          check=True)
+    table: dict[str, Any] = json.loads(proc.stdout)["partitiontable"]
+    return table
+
+
+def _assembled(tmp_path: Path, firmware: str) -> tuple[Path, diskimage.DiskLayout]:
     root = tmp_path / "root"
     (root / "etc").mkdir(parents=True)
     (root / "etc" / "hello").write_text("from the tree\n")
-    layout = diskimage.plan_layout(300 * 1024 * 1024, "bios")
+    layout = diskimage.plan_layout(300 * 1024 * 1024, firmware)
     diskimage.install_grub_files(root, layout, "console=ttyS0")
     disk = tmp_path / "disk.raw"
     diskimage.assemble_disk(root, disk, layout)
+    return disk, layout
 
-    table = json.loads(subprocess.run(["sfdisk", "--json", str(disk)], capture_output=True,
-                                      text=True, check=True).stdout)["partitiontable"]
+
+@needs_tools
+def test_bios_disk_has_grub_in_the_mbr_and_the_tree_in_ext4(tmp_path: Path) -> None:
+    disk, layout = _assembled(tmp_path, "bios")
+
+    table = _partition_table(disk)
     assert table["label"] == "dos"
     [part] = table["partitions"]
     assert part["start"] * 512 == layout.root_offset and part.get("bootable")
@@ -89,14 +101,8 @@ def test_bios_disk_has_grub_in_the_mbr_and_the_tree_in_ext4(tmp_path: Path) -> N
 
 @needs_tools
 def test_efi_disk_has_an_esp_with_the_removable_media_loader(tmp_path: Path) -> None:
-    root = tmp_path / "root"
-    root.mkdir()
-    layout = diskimage.plan_layout(300 * 1024 * 1024, "efi")
-    diskimage.install_grub_files(root, layout, "console=ttyS0")
-    disk = tmp_path / "disk.raw"
-    diskimage.assemble_disk(root, disk, layout)
-    table = json.loads(subprocess.run(["sfdisk", "--json", str(disk)], capture_output=True,
-                                      text=True, check=True).stdout)["partitiontable"]
+    disk, layout = _assembled(tmp_path, "efi")
+    table = _partition_table(disk)
     assert table["label"] == "gpt"
     assert table["partitions"][0]["type"].upper() == "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"
     esp = subprocess.run(["mdir", "-i", f"{disk}@@{layout.esp_offset}", "::/EFI/BOOT"],
