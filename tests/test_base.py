@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 
-from vmbuild import diskimage
-from vmbuild.base import apt_sources, base_key, kernel_package
 from vmbuild.recipe import Application, Guest, Job, Output, Recipe
+from vmbuild.stages import disk as diskimage
+from vmbuild.stages.base import apt_sources, base_key, kernel_package
 
 
 def recipe(**changes: object) -> Recipe:

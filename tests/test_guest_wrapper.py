@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 
-from vmbuild.playbook import job_config
 from vmbuild.recipe import load_recipe
 from vmbuild.runner.contract import JobOutputFilter, parse_control
+from vmbuild.stages.playbook import job_config
 
 WRAPPER = Path(__file__).resolve().parents[1] / "vmbuild" / "guest" / "vmbuild-job"
 

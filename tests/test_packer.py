@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from vmbuild.packer import (
+from vmbuild.stages.packer import (
     EVENT_MARKER,
     PackerRun,
     PackerVersion,
@@ -28,7 +28,7 @@ def test_checked_in_templates_match_what_builds_render() -> None:
                           (PackerVersion(1, 11, 0), "app-stage.pkr.json")):
         _, template = render_template(reference_job(), version)
         assert json.loads((REPO / "packer" / name).read_text()) == template, (
-            f"packer/{name} is stale: run .venv/bin/python -m vmbuild.packer packer")
+            f"packer/{name} is stale: run .venv/bin/python -m vmbuild.stages.packer packer")
 
 
 def test_legacy_template_for_packer_1_6() -> None:
@@ -73,7 +73,7 @@ def test_provision_events_travel_through_packer_output() -> None:
 
 @pytest.mark.skipif(shutil.which("packer") is None, reason="packer is not installed")
 def test_real_packer_validates_the_generated_template(tmp_path: Path) -> None:
-    from vmbuild.packer import packer_version
+    from vmbuild.stages.packer import packer_version
 
     version = packer_version()
     job = reference_job()

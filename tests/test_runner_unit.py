@@ -230,7 +230,8 @@ def test_bundle_runs_with_plain_python(tmp_path: Path) -> None:
     names = zipfile.ZipFile(target).namelist()
     assert "__main__.py" in names and "vmbuild/runner/qemu.py" in names
     assert "qemu/qmp/qmp_client.py" in names
-    assert not any(n.startswith(("vmbuild/recipe", "vmbuild/build", "vmbuild/cli")) for n in names)
+    build_side = ("vmbuild/recipe", "vmbuild/pipeline", "vmbuild/stages", "vmbuild/cli")
+    assert not any(n.startswith(build_side) for n in names)
     python = "/usr/bin/python3" if Path("/usr/bin/python3").exists() else sys.executable
     proc = subprocess.run([python, "-I", str(target), "run", "--help"], capture_output=True,
                           text=True, cwd=tmp_path, check=False)
@@ -246,7 +247,8 @@ def test_bundle_runs_with_plain_python(tmp_path: Path) -> None:
 def test_runner_does_not_import_the_build_side() -> None:
     code = ("import sys, vmbuild.runner.main, vmbuild.runner.qemu, vmbuild.runner.core;"
             "bad = [m for m in sys.modules if m.split('.')[0] in "
-            "('yaml', 'typer', 'ansible_runner') or m in ('vmbuild.recipe', 'vmbuild.build')];"
+            "('yaml', 'typer', 'ansible_runner') or m in ('vmbuild.recipe', 'vmbuild.pipeline')"
+            " or m.startswith('vmbuild.stages')];"
             "print(bad); sys.exit(1 if bad else 0)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=False)

@@ -33,7 +33,7 @@ from vmbuild.runner.vmx import (
     vmx_info,
     vmx_unescape,
 )
-from vmbuild.vmware import inspect_vmdk, lint_vmdk, lint_vmx, render_vmx
+from vmbuild.stages.artifact import inspect_vmdk, lint_vmdk, lint_vmx, render_vmx
 
 QEMU_IMG = shutil.which("qemu-img")
 QEMU = shutil.which("qemu-system-x86_64")

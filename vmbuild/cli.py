@@ -99,7 +99,7 @@ def build(
         "--verbose", "-v", help="Show every Packer line.")] = False,
 ) -> None:
     """Build the image a recipe describes: base (cached), Packer + Ansible, VMDK + VMX, validate."""
-    from vmbuild.build import BuildOptions, build_image
+    from vmbuild.pipeline import BuildOptions, build_image
     from vmbuild.recipe import load_recipe
 
     presenter = Presenter(json_out, verbose)
@@ -165,7 +165,7 @@ def validate(
     json_out: JsonOpt = False,
 ) -> None:
     """Lint a .vmx and its .vmdk, then boot it under QEMU and check the job ran and powered off."""
-    from vmbuild.validate import validate_image
+    from vmbuild.stages.validate import validate_image
 
     presenter = Presenter(json_out)
     try:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from vmbuild.errors import UsageError
 from vmbuild.runner.vmx import VmxError, load_vmx, vmx_info
-from vmbuild.vmware import inspect_vmdk
+from vmbuild.stages.artifact import inspect_vmdk
 
 _NAME_RE = re.compile(r"[^A-Za-z0-9._-]+")
 

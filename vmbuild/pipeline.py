@@ -18,17 +18,17 @@ from pathlib import Path
 from typing import Any
 
 from vmbuild import __version__
-from vmbuild.base import BaseImage, ensure_base
 from vmbuild.errors import BuildError, UsageError
 from vmbuild.events import Event, Reporter, Stage
-from vmbuild.packer import PackerJob, PackerRun, packer_version, write_template
-from vmbuild.playbook import write_playbook
 from vmbuild.recipe import Recipe, recipe_to_dict
 from vmbuild.runner.accel import best_accelerator
 from vmbuild.runner.qemu_devices import find_ovmf
+from vmbuild.stages.artifact import render_vmx
+from vmbuild.stages.base import BaseImage, ensure_base
+from vmbuild.stages.packer import PackerJob, PackerRun, packer_version, write_template
+from vmbuild.stages.playbook import write_playbook
+from vmbuild.stages.validate import DEFAULT_BOOT_TIMEOUT, validate_image
 from vmbuild.tools import run_tool
-from vmbuild.validate import DEFAULT_BOOT_TIMEOUT, validate_image
-from vmbuild.vmware import render_vmx
 
 MANIFEST = "manifest.json"
 MIB = 1024 * 1024

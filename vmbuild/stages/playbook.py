@@ -21,7 +21,7 @@ import yaml
 
 from vmbuild.recipe import Recipe
 
-GUEST_DIR = Path(__file__).parent / "guest"
+GUEST_DIR = Path(__file__).parent.parent / "guest"
 GUEST_LIB = "/usr/local/lib/vmbuild"
 JOB_CONFIG = "/etc/vmbuild/job.json"
 PACKAGES_TASK = "vmbuild: list installed packages"

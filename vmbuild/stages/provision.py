@@ -15,8 +15,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from vmbuild.packer import EVENT_MARKER
-from vmbuild.playbook import PACKAGES_TASK
+from vmbuild.stages.packer import EVENT_MARKER
+from vmbuild.stages.playbook import PACKAGES_TASK
 
 HOST_KEY_ALIAS = "vmbuild-guest"
 
@@ -114,7 +114,7 @@ def provision(spec_path: Path, host: str, port: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
-        print("usage: python -m vmbuild.provision SPEC.json", file=sys.stderr)
+        print("usage: python -m vmbuild.stages.provision SPEC.json", file=sys.stderr)
         return 2
     host = os.environ.get("VMBUILD_SSH_HOST", "127.0.0.1")
     port = os.environ.get("VMBUILD_SSH_PORT", "")

@@ -20,16 +20,16 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from vmbuild import diskimage
 from vmbuild.errors import BuildError, UsageError
 from vmbuild.events import Event, Reporter, Stage
 from vmbuild.recipe import Recipe
 from vmbuild.runner.accel import cache_root
+from vmbuild.stages import disk as diskimage
 from vmbuild.tools import run_tool
 
 # Bump when the base's construction changes in a way the settings below do not capture.
 BASE_FORMAT = 3
-GUEST_DIR = Path(__file__).parent / "guest"
+GUEST_DIR = Path(__file__).parent.parent / "guest"
 BASE_GUEST_FILES = ("vmbuild-build-access", "vmbuild-build-access.service",
                     "10-vmbuild-dhcp.network")
 KERNEL_CMDLINE = "console=tty0 console=ttyS0,115200 net.ifnames=0"

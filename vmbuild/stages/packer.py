@@ -2,7 +2,7 @@
 
 The template is generated as JSON with the `json` module, never by pasting strings, so no
 recipe value can change its structure. Packer's `-machine-readable` output is parsed into
-progress events; the provisioning subprocess (vmbuild.provision) reports Ansible's task
+progress events; the provisioning subprocess (vmbuild.stages.provision) reports Ansible's task
 events through that same stream, marked with EVENT_MARKER.
 """
 
@@ -61,7 +61,7 @@ class PackerJob:
     provision_spec: Path
     console_log: Path
     ovmf: str | None = None
-    python: str = sys.executable  # runs vmbuild.provision from Packer's shell-local step
+    python: str = sys.executable  # runs vmbuild.stages.provision from Packer's shell-local step
 
 
 def packer_version(binary: str = "packer") -> PackerVersion:
@@ -118,7 +118,7 @@ def _builder_settings(job: PackerJob) -> dict[str, Any]:
 
 
 def _provisioner(job: PackerJob, host: str, port: str) -> dict[str, Any]:
-    """Packer hands the guest's forwarded SSH address to vmbuild.provision (ansible-runner)."""
+    """Packer hands the guest's forwarded SSH address to stages.provision (ansible-runner)."""
     return {
         "environment_vars": [
             f"VMBUILD_SSH_HOST={host}",
@@ -126,7 +126,7 @@ def _provisioner(job: PackerJob, host: str, port: str) -> dict[str, Any]:
             f"VMBUILD_PROVISION_SPEC={job.provision_spec}",
             f"VMBUILD_PYTHON={job.python}",
         ],
-        "inline": ['exec "$VMBUILD_PYTHON" -m vmbuild.provision "$VMBUILD_PROVISION_SPEC"'],
+        "inline": ['exec "$VMBUILD_PYTHON" -m vmbuild.stages.provision "$VMBUILD_PROVISION_SPEC"'],
     }
 
 

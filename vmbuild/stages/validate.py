@@ -27,7 +27,7 @@ from vmbuild.runner.contract import (
 )
 from vmbuild.runner.qemu_devices import qemu_argv
 from vmbuild.runner.vmx import load_vmx, vmx_info
-from vmbuild.vmware import lint_vmx
+from vmbuild.stages.artifact import lint_vmx
 
 DEFAULT_BOOT_TIMEOUT = 600.0  # TCG boots take ~30 s; the job's own time comes on top
 
