@@ -15,9 +15,11 @@ from vmbuild.errors import RecipeError
 from vmbuild.recipe import (
     SETTINGS,
     Application,
+    Expect,
     Guest,
     Job,
     Output,
+    Validate,
     format_size,
     load_recipe,
     parse_duration,
@@ -90,10 +92,11 @@ def test_table_defaults_match_dataclass_defaults() -> None:
     from vmbuild.recipe import _from_python, _Loc  # the table's own default parsing
 
     loc = _Loc("t", 1, Path("/"))
-    for section, cls in (("guest", Guest), ("job", Job), ("output", Output)):
+    for section, cls in (("guest", Guest), ("job", Job), ("output", Output),
+                         ("validate", Validate), ("validate.expect", Expect)):
         by_name = {f.name: f for f in fields(cls)}
         for s in SETTINGS:
-            if s.section != section or s.default is None:
+            if s.section != section or s.default is None or s.type.name == "section":
                 continue
             value = s.type.parse(_from_python(s.default, loc), s.path)
             f = by_name[s.key]
@@ -181,7 +184,7 @@ def test_full_recipe(write: Write, tmp_path: Path) -> None:
     assert d["guest"]["disk"] == 8 * 1024**3
     assert d["job"]["environment"] == {
         "GREETING": "hello", "MODE": "0755", "PORT": "8080", "RATIO": "1.50"}
-    assert list(d) == ["version", "name", "guest", "application", "job", "output"]
+    assert list(d) == ["version", "name", "guest", "application", "job", "output", "validate"]
 
 
 def test_recipe_to_dict_is_location_independent(tmp_path: Path) -> None:
@@ -562,7 +565,8 @@ def test_schema() -> None:
     assert json.loads(text) == schema
     assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
     objects = walk_objects(schema)
-    assert len(objects) == 6  # top, guest, application, a files entry, job, output
+    # top, guest, application, a files entry, job, output, validate, validate.expect
+    assert len(objects) == 8
     assert all(o["additionalProperties"] is False for o in objects)
     props = schema["properties"]
     assert props["guest"]["properties"]["memory"]["default"] == "512MiB"
@@ -605,3 +609,307 @@ def test_example_recipe_in_recipe_md_loads(tmp_path: Path) -> None:
     r = load_recipe(tmp_path / "recipe.yaml")
     assert r.name == "hello" and r.job.timeout == 7200.0
     assert os.fspath(r.application.files[0].src_path) == os.fspath(tmp_path / "app")
+
+
+# --- validate: and the additions to version 1 ---------------------------------------------
+
+
+def test_validate_and_vmware_tools_defaults(write: Write) -> None:
+    r = load_recipe(write(MINIMAL))
+    assert r.validate == Validate()
+    v = r.validate
+    assert (v.command, v.inputs, dict(v.environment)) == (None, (), {})
+    assert v.expect == Expect(exit=0, output=None)
+    assert (v.until, v.running_for, v.timeout) == ("exit", 30.0, 600.0)
+    assert r.guest.vmware_tools is False
+    assert recipe_to_dict(r)["validate"] == {
+        "command": None, "inputs": [], "environment": {},
+        "expect": {"exit": 0, "output": None},
+        "until": "exit", "running_for": 30.0, "timeout": 600.0,
+    }
+    # an empty section means the defaults, like guest: left empty
+    assert load_recipe(write(MINIMAL + "validate:\n")).validate == Validate()
+    assert load_recipe(write(MINIMAL + "validate: {expect: {}}\n")).validate == Validate()
+
+
+VALIDATE_FULL = """\
+guest:
+  vmware_tools: true
+validate:
+  command: ["/opt/app/bin/app", "--selftest"]
+  inputs: [testdata/, extra.csv]
+  environment: {SMOKE: "1", N: 0755}
+  expect:
+    exit: 3
+    output: "^RESULT [0-9]+$"
+  until: started
+  running_for: 20s
+  timeout: 1h
+"""
+
+
+def test_validate_full(write: Write, tmp_path: Path) -> None:
+    path = write(MINIMAL + VALIDATE_FULL, **{"testdata/a.txt": "1 2\n", "extra.csv": "3\n"})
+    r = load_recipe(path)
+    assert r.guest.vmware_tools is True
+    v = r.validate
+    assert v.command == ("/opt/app/bin/app", "--selftest")
+    assert v.inputs == (tmp_path / "testdata", tmp_path / "extra.csv")
+    assert all(p.is_absolute() for p in v.inputs)
+    assert dict(v.environment) == {"SMOKE": "1", "N": "0755"}
+    assert v.expect == Expect(exit=3, output="^RESULT [0-9]+$")
+    assert (v.until, v.running_for, v.timeout) == ("started", 20.0, 3600.0)
+    d = recipe_to_dict(r)
+    assert d["guest"]["vmware_tools"] is True
+    assert d["validate"]["inputs"] == ["testdata", "extra.csv"]  # relative: hashes anywhere
+    assert d["validate"]["expect"] == {"exit": 3, "output": "^RESULT [0-9]+$"}
+    # a string is a shell command, exactly like job.command
+    r = load_recipe(write(MINIMAL + "validate:\n  command: ./selftest && echo ok\n"))
+    assert r.validate.command == ("/bin/sh", "-c", "./selftest && echo ok")
+    assert r.job.command == ("/bin/sh", "-c", "echo hello from the guest")  # untouched
+
+
+def test_validate_does_not_touch_the_base_key(write: Write, tmp_path: Path) -> None:
+    """validate: is proof, not content: the cached base image must not be rebuilt for it."""
+    from vmbuild.stages.base import base_key
+
+    plain = load_recipe(write(MINIMAL))
+    validated = load_recipe(write(MINIMAL + VALIDATE_FULL.replace("guest:\n  vmware_tools: "
+                                                                  "true\n", ""),
+                                  **{"testdata/a": "1", "extra.csv": "2"}))
+    assert validated.validate != plain.validate
+    assert base_key(validated) == base_key(plain)
+    assert recipe_to_dict(validated) != recipe_to_dict(plain)  # but it is in the canonical form
+
+
+@pytest.mark.parametrize(("snippet", "expected"), [
+    ("validate:\n  command: []\n",
+     "validate.command: is empty; give the program and its arguments"),
+    ("validate:\n  command: [bin/x]\n",
+     'validate.command[0]: "bin/x": the program must be an absolute path'),
+    ("validate:\n  command: {a: b}\n",
+     "validate.command: expected a list of strings (argv) or a string (a shell command), "
+     "got a mapping"),
+    ("validate:\n  inputs: testdata/\n", "validate.inputs: expected a list of paths, got a string"),
+    ("validate:\n  environment: {1BAD: x}\n",
+     'validate.environment.1BAD: "1BAD" is not a valid variable name'),
+    ("validate:\n  environment: [A]\n",
+     "validate.environment: expected a mapping of NAME: value, got a list"),
+    ("validate:\n  expect: {exit: 256}\n", "validate.expect.exit: 256 is out of range (0 to 255)"),
+    ("validate:\n  expect: {exit: -1}\n", "validate.expect.exit: -1 is out of range (0 to 255)"),
+    ('validate:\n  expect: {exit: "0"}\n',
+     "validate.expect.exit: expected an integer, got a string"),
+    ("validate:\n  expect: {output: 5}\n", "validate.expect.output: expected a string, got an "
+     "integer"),
+    ("validate:\n  expect: {outptu: x}\n",
+     "validate.expect.outptu: unknown key (did you mean output?)"),
+    ("validate:\n  expect: [0]\n", "validate.expect: expected a mapping, got a list"),
+    ("validate:\n  until: finished\n",
+     'validate.until: "finished" is not one of exit, started'),
+    ("validate:\n  until: start\n",
+     'validate.until: "start" is not one of exit, started (did you mean started?)'),
+    ("validate:\n  running_for: 2 hours\n",
+     'validate.running_for: "2 hours" is not a duration (use 90s, 30m, 2h)'),
+    ("validate:\n  timeout: 2 hours\n",
+     'validate.timeout: "2 hours" is not a duration (use 90s, 30m, 2h)'),
+    ("validate:\n  timeout: 0s\n", 'validate.timeout: "0s" must be a positive duration'),
+    ("validate:\n  timeout: [1m]\n",
+     "validate.timeout: expected a duration such as 2h, got a list"),
+    ("validate:\n  expcet: {}\n", "validate.expcet: unknown key (did you mean expect?)"),
+    ("validate: yes\n", "validate: expected a mapping, got a boolean"),
+    ("guest:\n  vmware_tools: \"yes\"\n",
+     "guest.vmware_tools: expected a boolean (true or false), got a string"),
+    ("guest:\n  vmware_tool: true\n", "guest.vmware_tool: unknown key (did you mean "
+     "vmware_tools?)"),
+])
+def test_validate_bad_values(write: Write, snippet: str, expected: str) -> None:
+    msg = error_of(write(MINIMAL + snippet))
+    line = MINIMAL.count("\n") + snippet.count("\n")  # the snippet's last line
+    assert msg.startswith(f"recipe.yaml:{line}: {expected}"), msg
+
+
+def test_validate_expect_output_invalid_regex(write: Write) -> None:
+    error = None
+    try:
+        re.compile("^RESULT ([0-9]+$")
+    except re.error as exc:
+        error = str(exc)
+    assert error is not None
+    msg = error_of(write(MINIMAL + "validate:\n  expect:\n    output: \"^RESULT ([0-9]+$\"\n"))
+    assert msg == ('recipe.yaml:7: validate.expect.output: "^RESULT ([0-9]+$" is not a valid '
+                   f"Python regular expression: {error}")
+    assert "missing ), unterminated subpattern" in msg
+
+
+def test_validate_inputs_confined(write: Write, tmp_path: Path) -> None:
+    (tmp_path.parent / "x").mkdir(exist_ok=True)
+    at = "recipe.yaml:6: validate.inputs[0]: "
+    msg = error_of(write(MINIMAL + "validate:\n  inputs: [../x]\n"))
+    assert msg.startswith(at + '"../x" leaves the recipe\'s directory'), msg
+    msg = error_of(write(MINIMAL + "validate:\n  inputs: [/etc/passwd]\n"))
+    assert msg.startswith(at + '"/etc/passwd" is absolute'), msg
+    msg = error_of(write(MINIMAL + "validate:\n  inputs: [nope.csv]\n"))
+    assert msg.startswith(at + '"nope.csv" does not exist'), msg
+    msg = error_of(write(MINIMAL + "validate:\n  inputs: [f/]\n", f="1"))
+    assert msg == at + '"f/" is not a directory'
+    outside = tmp_path.parent / f"{tmp_path.name}-outside"
+    outside.mkdir()
+    (outside / "secret").write_text("s")
+    path = write(MINIMAL + "validate:\n  inputs: [link]\n")
+    (tmp_path / "link").symlink_to(outside / "secret")
+    msg = error_of(path)
+    assert msg.startswith(at + '"link" goes through a symlink to'), msg
+    # a symlink inside an input directory that points out would put that file on the disk
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "key").symlink_to(outside / "secret")
+    msg = error_of(write(MINIMAL + "validate:\n  inputs: [data/]\n"))
+    assert msg.startswith(at + '"data/" contains key, a symlink to'), msg
+    # ... while a symlink that stays inside is fine
+    (tmp_path / "data" / "key").unlink()
+    (tmp_path / "data" / "key").symlink_to(tmp_path / "f")
+    assert load_recipe(write(MINIMAL + "validate:\n  inputs: [data]\n")).validate.inputs == (
+        tmp_path / "data",)
+
+
+def test_validate_inputs_names_on_the_input_disk(write: Write, tmp_path: Path) -> None:
+    """Each input lands on the disk under its own name: a clash is refused at its line."""
+    files = {"a/data.csv": "1", "b/data.csv": "2", "vmbuild-input.json": "{}"}
+    msg = error_of(write(MINIMAL + "validate:\n  inputs:\n    - a/data.csv\n    - b/data.csv\n",
+                         **files))
+    assert msg == ('recipe.yaml:8: validate.inputs[1]: "b/data.csv": another input '
+                   '("a/data.csv") has the name "data.csv"; each input is put on the input '
+                   "disk under its own name")
+    msg = error_of(write(MINIMAL + "validate:\n  inputs: [vmbuild-input.json]\n"))
+    assert msg.startswith('recipe.yaml:6: validate.inputs[0]: "vmbuild-input.json": '
+                          "vmbuild-input.json is the name of the runner's own file"), msg
+    # the same path twice (as lists append across extends) is one input
+    r = load_recipe(write(MINIMAL + "validate:\n  inputs: [a/data.csv, ./a/data.csv]\n"))
+    assert r.validate.inputs == (tmp_path / "a" / "data.csv",)
+
+
+def test_validate_running_for_must_be_shorter_than_timeout(write: Write) -> None:
+    started = MINIMAL + "validate:\n  until: started\n"
+    assert error_of(write(started + "  running_for: 10m\n")) == (
+        "recipe.yaml:7: validate.running_for: 10m is not shorter than validate.timeout (10m), "
+        "which bounds the whole boot test; shorten it or raise validate.timeout")
+    assert error_of(write(started + "  timeout: 20s\n")) == (
+        "recipe.yaml:7: validate.timeout: 20s is not longer than validate.running_for (30s), "
+        "so the boot test would time out before the job has run long enough; raise it or "
+        "shorten validate.running_for")
+    assert error_of(write(started + "  running_for: 2h\n  timeout: 1h30m\n")).startswith(
+        "recipe.yaml:7: validate.running_for: 2h is not shorter than validate.timeout (1h30m)")
+    r = load_recipe(write(started + "  running_for: 5m\n  timeout: 6m\n"))
+    assert (r.validate.running_for, r.validate.timeout) == (300.0, 360.0)
+    # with until: exit, running_for has no effect and is not held against the timeout
+    r = load_recipe(write(MINIMAL + "validate:\n  running_for: 1h\n  timeout: 20s\n"))
+    assert (r.validate.until, r.validate.running_for, r.validate.timeout) == (
+        "exit", 3600.0, 20.0)
+
+
+def test_nvme_needs_efi(write: Write) -> None:
+    text = MINIMAL + "guest:\n  memory: 1GiB\noutput:\n  disk_controller: nvme\n"
+    expected = ("recipe.yaml:8: output.disk_controller: nvme needs guest.firmware: efi "
+                "(VMware's BIOS cannot boot from NVMe); set guest.firmware: efi, or use "
+                "pvscsi, lsilogic or sata")
+    assert error_of(write(text)) == expected  # bios is the default
+    assert error_of(write(text.replace("memory: 1GiB", "firmware: bios"))) == expected
+    r = load_recipe(write(text.replace("memory: 1GiB", "firmware: efi")))
+    assert (r.output.disk_controller, r.guest.firmware) == ("nvme", "efi")
+    # given in a base recipe: the error names the base's line
+    write("version: 1\noutput:\n  disk_controller: nvme\n", name="base.yaml")
+    assert error_of(write(MINIMAL + "extends: base.yaml\n")).startswith(
+        "base.yaml:3: output.disk_controller: nvme needs guest.firmware: efi")
+    r = load_recipe(write(MINIMAL + "extends: base.yaml\nguest: {firmware: efi}\n"))
+    assert r.output.disk_controller == "nvme"
+
+
+def test_validate_extends_merge(write: Write, tmp_path: Path) -> None:
+    base = """\
+version: 1
+guest:
+  vmware_tools: true
+validate:
+  command: [/opt/base/selftest]
+  inputs: [data/]
+  environment: {A: base, B: base}
+  expect: {exit: 0, output: "^base"}
+  until: started
+  running_for: 1m
+"""
+    child = """\
+name: child
+extends: common/base.yaml
+validate:
+  command: [/opt/child/selftest, --quick]
+  inputs: [more.csv]
+  environment: {B: child}
+  expect: {output: "^child"}
+job:
+  command: x
+"""
+    path = write(child, **{"common/base.yaml": base, "common/data/x": "x", "more.csv": "1"})
+    r = load_recipe(path)
+    v = r.validate
+    assert r.guest.vmware_tools is True
+    assert v.command == ("/opt/child/selftest", "--quick")  # replaced, never appended
+    # appended, base first, each resolved against the directory of the file that wrote it
+    assert v.inputs == (tmp_path / "common" / "data", tmp_path / "more.csv")
+    assert dict(v.environment) == {"A": "base", "B": "child"}
+    assert v.expect == Expect(exit=0, output="^child")
+    assert (v.until, v.running_for, v.timeout) == ("started", 60.0, 600.0)
+    assert recipe_to_dict(r)["validate"]["inputs"] == ["common/data", "more.csv"]
+    # null unsets the base's command: the validation boot runs job.command again
+    r = load_recipe(write(child.replace("  command: [/opt/child/selftest, --quick]\n",
+                                        "  command: null\n")))
+    assert r.validate.command is None
+    # a string command in the child replaces a list in the base
+    r = load_recipe(write(child.replace("[/opt/child/selftest, --quick]", "make check")))
+    assert r.validate.command == ("/bin/sh", "-c", "make check")
+
+
+CLI_CASES = [
+    ("validate:\n  timeout: 2 hours\n",
+     'recipe.yaml:6: validate.timeout: "2 hours" is not a duration (use 90s, 30m, 2h)'),
+    ("validate:\n  expect:\n    output: \"(\"\n",
+     'recipe.yaml:7: validate.expect.output: "(" is not a valid Python regular expression: '
+     "missing ), unterminated subpattern at position 0"),
+    ("validate:\n  inputs: [../x]\n", 'recipe.yaml:6: validate.inputs[0]: "../x" leaves the '
+     "recipe's directory"),
+    ("output:\n  disk_controller: nvme\n",
+     "recipe.yaml:6: output.disk_controller: nvme needs guest.firmware: efi"),
+    ("validate:\n  until: started\n  running_for: 1h\n",
+     "recipe.yaml:7: validate.running_for: 1h is not shorter than validate.timeout (10m)"),
+    ("guest:\n  vmware_tools: 1\n",
+     "recipe.yaml:6: guest.vmware_tools: expected a boolean (true or false), got an integer"),
+]
+
+
+def test_cli_check_refuses_bad_new_keys_with_exit_2(tmp_path: Path) -> None:
+    """What a user sees from `vmbuild check`: one located line, exit 2, no traceback."""
+    from tests.conftest import run_vmbuild
+
+    good = tmp_path / "good"
+    (good / "testdata").mkdir(parents=True)
+    (good / "testdata" / "n.txt").write_text("1 2 3\n")
+    (good / "recipe.yaml").write_text(MINIMAL + VALIDATE_FULL.replace(", extra.csv", ""))
+    proc = run_vmbuild("check", "--json", "recipe.yaml", cwd=good, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["validate"]["inputs"] == ["testdata"]
+    for i, (snippet, expected) in enumerate(CLI_CASES):
+        case = tmp_path / f"case{i}"
+        case.mkdir()
+        (case / "recipe.yaml").write_text(MINIMAL + snippet)
+        proc = run_vmbuild("check", "recipe.yaml", cwd=case, timeout=60)
+        assert proc.returncode == 2, (snippet, proc.stderr)
+        assert "Traceback" not in proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and expected in lines[0], (expected, proc.stderr)
+
+
+def test_format_duration() -> None:
+    from vmbuild.recipe import format_duration
+
+    assert [format_duration(s) for s in (30, 600, 5400, 86400 + 60, 2.5, 7200.0)] == [
+        "30s", "10m", "1h30m", "1d1m", "2.5s", "2h"]
+    for text in ("90s", "30m", "1h30m", "2d"):
+        assert format_duration(parse_duration(text)) in (text, "1m30s")

@@ -28,22 +28,34 @@ from vmbuild.errors import RecipeError as RecipeError
 from vmbuild.recipe.canonical import recipe_to_dict
 from vmbuild.recipe.loader import load_recipe, recipes_dir
 from vmbuild.recipe.model import RECIPE_VERSION as RECIPE_VERSION
-from vmbuild.recipe.model import Application, FileSpec, Guest, Job, Output, Recipe
+from vmbuild.recipe.model import (
+    Application,
+    Expect,
+    FileSpec,
+    Guest,
+    Job,
+    Output,
+    Recipe,
+    Validate,
+)
 from vmbuild.recipe.schema import recipe_schema, settings_doc
 from vmbuild.recipe.settings import SETTINGS, Setting
 from vmbuild.recipe.settings import _from_python as _from_python
-from vmbuild.recipe.units import format_size, parse_duration, parse_size
+from vmbuild.recipe.units import format_duration, format_size, parse_duration, parse_size
 from vmbuild.recipe.yamlnodes import _Loc as _Loc
 
 __all__ = [
     "SETTINGS",
     "Application",
+    "Expect",
     "FileSpec",
     "Guest",
     "Job",
     "Output",
     "Recipe",
     "Setting",
+    "Validate",
+    "format_duration",
     "format_size",
     "load_recipe",
     "parse_duration",

@@ -30,6 +30,8 @@ def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
 
     Sizes are bytes, durations seconds, paths relative to the recipe's directory; the
     recipe's own location is left out, so the same recipe hashes the same anywhere.
+    `validate` is part of it (it is what the image was proven with), but nothing that keys a
+    cache reads it: the base key hashes only `BaseSettings` (stages/base.py).
     """
     base = recipe.directory.resolve()
     files = [
@@ -50,4 +52,5 @@ def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
         "application": application,
         "job": _plain(recipe.job, base),
         "output": _plain(recipe.output, base),
+        "validate": _plain(recipe.validate, base),
     }

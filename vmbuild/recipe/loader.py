@@ -9,11 +9,13 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 from vmbuild.errors import RecipeError
-from vmbuild.recipe.model import Application, Guest, Job, Output, Recipe
+from vmbuild.recipe.model import Application, Expect, Guest, Job, Output, Recipe, Validate
 from vmbuild.recipe.paths import _confined
 from vmbuild.recipe.settings import _GUEST_OS_BY_RELEASE, _REPLACED_LISTS, _parse_section
+from vmbuild.recipe.units import format_duration
 from vmbuild.recipe.values import _EXTENDS_NAME_PATTERN, _parse_version, _str
 from vmbuild.recipe.yamlnodes import _compose, _fail, _join, _kind, _Loc, _Node, _show
 
@@ -122,6 +124,47 @@ def _load_tree(
     return _merge(base, root, "")
 
 
+def _written(tree: _Node, path: str) -> _Node | None:
+    """The node a dotted key path was written as in the merged tree (None: not written).
+
+    Merging keeps each value's own file and line, so this locates a value even when it came
+    from a base recipe."""
+    node = tree
+    for key in path.split("."):
+        if node.mapping is None or key not in node.mapping:
+            return None
+        node = node.mapping[key][1]
+    return node
+
+
+def _check_combinations(values: dict[str, Any], tree: _Node) -> None:
+    """Refuse settings that are each valid but cannot work together.
+
+    The table checks one key at a time; these need two, and are reported at the line a
+    person has to change.
+    """
+    controller = _written(tree, "output.disk_controller")
+    if (controller is not None and values["output"]["disk_controller"] == "nvme"
+            and values["guest"]["firmware"] != "efi"):
+        _fail(controller.loc, "output.disk_controller",
+              "nvme needs guest.firmware: efi (VMware's BIOS cannot boot from NVMe); set "
+              "guest.firmware: efi, or use pvscsi, lsilogic or sata")
+    validate = values["validate"]
+    if validate["until"] == "started" and validate["running_for"] >= validate["timeout"]:
+        running_for = format_duration(validate["running_for"])
+        timeout = format_duration(validate["timeout"])
+        at = _written(tree, "validate.running_for")
+        if at is not None:
+            _fail(at.loc, "validate.running_for",
+                  f"{running_for} is not shorter than validate.timeout ({timeout}), which bounds "
+                  "the whole boot test; shorten it or raise validate.timeout")
+        at = _written(tree, "validate.timeout") or tree
+        _fail(at.loc, "validate.timeout",
+              f"{timeout} is not longer than validate.running_for ({running_for}), so the boot "
+              "test would time out before the job has run long enough; raise it or shorten "
+              "validate.running_for")
+
+
 def load_recipe(path: Path | str) -> Recipe:
     """Read, merge (`extends:`), validate and default a recipe.
 
@@ -133,6 +176,7 @@ def load_recipe(path: Path | str) -> Recipe:
     sources: list[Path] = []
     tree = _load_tree(absolute, display, [], sources, None)
     values = _parse_section("", tree, "", tree.loc)
+    _check_combinations(values, tree)
 
     name: str = values["name"]
     guest = dict(values["guest"])
@@ -145,6 +189,10 @@ def load_recipe(path: Path | str) -> Recipe:
     if job["environment"] is None:
         job["environment"] = {}
     application = dict(values["application"])
+    validate = dict(values["validate"])
+    validate["expect"] = Expect(**validate["expect"])
+    if validate["environment"] is None:
+        validate["environment"] = {}
     return Recipe(
         path=absolute,
         name=name,
@@ -154,4 +202,5 @@ def load_recipe(path: Path | str) -> Recipe:
         output=Output(**output),
         version=values["version"],
         sources=tuple(sources),
+        validate=Validate(**validate),
     )

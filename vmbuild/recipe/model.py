@@ -37,6 +37,7 @@ class Guest:
     hostname: str = ""  # "" until defaulted to the recipe name
     timezone: str = "UTC"
     ssh: bool = False  # keep sshd enabled in the shipped image (no keys are left in it either way)
+    vmware_tools: bool = False  # open-vm-tools in the image; its services start only under VMware
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,31 @@ class Output:
 
 
 @dataclass(frozen=True)
+class Expect:
+    """What the validation boot must see for the image to pass."""
+
+    exit: int = 0  # the job's exit status
+    output: str | None = None  # regex source (checked to compile); must match a line of job output
+
+
+@dataclass(frozen=True)
+class Validate:
+    """The boot test at the end of a build (`validate:`).
+
+    Reaches the guest for the validation boot only, through the input disk: nothing here is
+    baked into the shipped image, so it never changes what the image does when run.
+    """
+
+    command: tuple[str, ...] | None = None  # argv; None: job.command as written
+    inputs: tuple[Path, ...] = ()  # resolved absolute paths inside the recipe directory
+    environment: Mapping[str, str] = field(default_factory=dict)  # merged over job.environment
+    expect: Expect = Expect()
+    until: str = "exit"  # exit: the job must finish | started: it must start and keep running
+    running_for: float = 30.0  # seconds; with until: started
+    timeout: float = 600.0  # seconds; the boot test fails past this
+
+
+@dataclass(frozen=True)
 class Recipe:
     path: Path  # the recipe file, absolute
     name: str
@@ -77,6 +103,7 @@ class Recipe:
     output: Output
     version: int = 1
     sources: tuple[Path, ...] = ()  # every file read, extends chain included, for hashing
+    validate: Validate = field(default_factory=Validate)  # defaulted: Recipe(...) in tests
 
     @property
     def directory(self) -> Path:

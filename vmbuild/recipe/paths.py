@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from vmbuild.recipe.values import _str, _Type
-from vmbuild.recipe.yamlnodes import _fail, _Node, _show
+from vmbuild.recipe.yamlnodes import _fail, _kind, _Node, _show
+from vmbuild.runner.jobio import INPUT_SPEC
 
 
 def _parse_abs(node: _Node, field_: str) -> str:
@@ -94,3 +95,36 @@ def _parse_src(node: _Node, field_: str) -> _Src:
 
 def _parse_playbook(node: _Node, field_: str) -> Path:
     return _confined(node, field_, _str(node, field_), want="file")
+
+
+def _parse_inputs(node: _Node, field_: str) -> tuple[Path, ...]:
+    """`validate.inputs`: files and directories confined like `application.files[].src`.
+
+    Each lands on the input disk under its own base name, as `vmbuild run --input` puts it,
+    so two with one name (or one named like the runner's own spec file) are refused here,
+    at the line that collides, instead of when the validation boot is being set up.
+    """
+    if node.items is None:
+        _fail(node.loc, field_, f"expected a list of paths, got {_kind(node)}")
+    paths: list[Path] = []
+    names: dict[str, str] = {}
+    for i, item in enumerate(node.items):
+        where = f"{field_}[{i}]"
+        path = _parse_src(item, where).path
+        if path in paths:  # lists append across extends: a repeat is the same input
+            continue
+        if path.name == INPUT_SPEC:
+            _fail(item.loc, where,
+                  f"{_show(item.scalar)}: {INPUT_SPEC} is the name of the runner's own file on "
+                  "the input disk; rename it")
+        if path.name in names:
+            _fail(item.loc, where,
+                  f"{_show(item.scalar)}: another input ({_show(names[path.name])}) has the "
+                  f"name {_show(path.name)}; each input is put on the input disk under its "
+                  "own name")
+        names[path.name] = str(item.scalar)
+        paths.append(path)
+    return tuple(paths)
+
+
+_INPUTS = _Type("list of paths", _parse_inputs, {"type": "array", "items": {"type": "string"}})

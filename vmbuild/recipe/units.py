@@ -86,6 +86,19 @@ def parse_duration(text: str) -> float:
     return float(sum(Decimal(n) * _DURATION_UNITS[u] for n, u in parts))
 
 
+def format_duration(seconds: float) -> str:
+    """The spelling a recipe would use: 600 -> "10m", 5400 -> "1h30m", 2.5 -> "2.5s"."""
+    whole = int(seconds)
+    if whole != seconds or whole == 0:
+        return f"{seconds:g}s"
+    parts = []
+    for unit, factor in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if whole >= factor:
+            parts.append(f"{whole // factor}{unit}")
+            whole %= factor
+    return "".join(parts)
+
+
 def _parse_duration_node(node: _Node, field_: str) -> float:
     value = node.scalar
     if isinstance(value, int | float) and not isinstance(value, bool):

@@ -203,6 +203,19 @@ def _parse_environment(node: _Node, field_: str) -> dict[str, str]:
     return env
 
 
+def _parse_regex(node: _Node, field_: str) -> str:
+    """A Python regular expression, kept as its source but compiled here: a typo in a pattern
+    must fail `vmbuild check`, not the validation boot at the end of a long build."""
+    value = _str(node, field_)
+    try:
+        re.compile(value)
+    except re.error as exc:
+        _fail(node.loc, field_, f"{_show(value)} is not a valid Python regular expression: {exc}")
+    return value
+
+
+_REGEX = _Type("regular expression", _parse_regex, {"type": "string", "format": "regex"})
+
 _FORMAT = _enum(("vmx",), {"ova": "not supported yet (only vmx)"})
 
 
