@@ -27,7 +27,6 @@ from vmbuild.recipe import (
     recipe_schema,
     recipe_to_dict,
     recipes_dir,
-    settings_doc,
 )
 
 MINIMAL = """\
@@ -421,7 +420,7 @@ def test_duplicate_key(write: Write) -> None:
 def test_version_2(write: Write) -> None:
     assert error_of(write(MINIMAL.replace("version: 1", "version: 2"))) == (
         "recipe.yaml:1: version: version 2 is not supported: this vmbuild reads recipe "
-        "version 1 (see RECIPE.md)")
+        "version 1 (see docs/recipe.md)")
     assert error_of(write(MINIMAL.replace("version: 1", 'version: "1"'))) == (
         "recipe.yaml:1: version: expected the integer 1, got a string")
 
@@ -589,26 +588,104 @@ def test_schema_patterns_match_python() -> None:
     assert not re.fullmatch(job["timeout"]["pattern"], "2 hours")
 
 
-def test_settings_doc() -> None:
-    doc = settings_doc()
-    assert doc.startswith("| key | type | default | description |")
-    for s in SETTINGS:
-        assert f"`{s.path}`" in doc
-    assert "`guest.ssh`" in doc and '`"4GiB"`' in doc
+#: Every key of the recipe format contract (RECIPE.md, version 1 and its additions). None may
+#: be renamed; the repository's own reference must list each one.
+CONTRACT_KEYS = (
+    "version", "name", "extends",
+    "guest", "guest.release", "guest.arch", "guest.mirror", "guest.packages", "guest.disk",
+    "guest.memory", "guest.cpus", "guest.firmware", "guest.hostname", "guest.timezone",
+    "guest.vmware_tools",
+    "application", "application.files", "application.files[].src",
+    "application.files[].dest", "application.files[].mode", "application.files[].owner",
+    "application.run", "application.playbook",
+    "job", "job.command", "job.workdir", "job.user", "job.environment", "job.timeout",
+    "job.network", "job.outputs",
+    "output", "output.hardware_version", "output.guest_os", "output.disk_controller",
+    "output.nic", "output.vmdk", "output.formats",
+    "validate", "validate.command", "validate.inputs", "validate.environment",
+    "validate.expect", "validate.expect.exit", "validate.expect.output", "validate.until",
+    "validate.running_for", "validate.timeout",
+)
+
+#: The contract's own example (RECIPE.md's full recipe with its additions), kept here so it is
+#: checked on every checkout, not only where the shared document happens to be.
+CONTRACT_EXAMPLE = """\
+version: 1
+name: hello
+extends: debian-12-minimal
+guest:
+  release: bookworm
+  arch: amd64
+  mirror: http://mirror.example/debian
+  packages: [python3]
+  disk: 4GiB
+  memory: 512MiB
+  cpus: 1
+  firmware: bios
+  hostname: hello
+  timezone: UTC
+  vmware_tools: false
+application:
+  files:
+    - src: app/
+      dest: /opt/hello/
+      mode: "0755"
+      owner: root
+  run:
+    - python3 -m compileall /opt/hello
+  playbook: provision.yml
+job:
+  command: ["/usr/bin/python3", "/opt/hello/main.py"]
+  workdir: /opt/hello
+  user: root
+  environment: {GREETING: hello}
+  timeout: 2h
+  network: false
+  outputs: /var/lib/job/output
+output:
+  hardware_version: 19
+  guest_os: debian12-64
+  disk_controller: pvscsi
+  nic: vmxnet3
+  vmdk: monolithicSparse
+  formats: [vmx]
+validate:
+  command: ["/opt/app/bin/app", "--selftest"]
+  inputs: [testdata/]
+  environment: {SMOKE: "1"}
+  expect:
+    exit: 0
+    output: "^RESULT [0-9]+$"
+  until: exit
+  running_for: 30s
+  timeout: 10m
+"""
 
 
-def test_example_recipe_in_recipe_md_loads(tmp_path: Path) -> None:
-    """The full example in the format spec must load (with its files present)."""
-    spec = Path("/work/shared/RECIPE.md")
-    if not spec.is_file():
-        pytest.skip("RECIPE.md not available")
-    block = spec.read_text().split("```yaml\n", 1)[1].split("```", 1)[0]
+def test_every_contract_key_is_in_the_table_and_the_reference() -> None:
+    """The repository's own reference (docs/recipe.md) lists every key of the contract."""
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "recipe.md").read_text()
+    paths = {s.path for s in SETTINGS}
+    missing = [k for k in CONTRACT_KEYS if k not in paths]
+    assert not missing, f"keys of the contract missing from SETTINGS: {missing}"
+    undocumented = [k for k in CONTRACT_KEYS if f"`{k}`" not in doc]
+    assert not undocumented, f"keys missing from docs/recipe.md: {undocumented}"
+
+
+def test_contract_example_loads(tmp_path: Path) -> None:
+    """The contract's full example must load as written (with its files present)."""
     (tmp_path / "app").mkdir()
+    (tmp_path / "testdata").mkdir()
     (tmp_path / "provision.yml").write_text("- hosts: all\n")
-    (tmp_path / "recipe.yaml").write_text(block)
+    (tmp_path / "recipe.yaml").write_text(CONTRACT_EXAMPLE)
     r = load_recipe(tmp_path / "recipe.yaml")
     assert r.name == "hello" and r.job.timeout == 7200.0
     assert os.fspath(r.application.files[0].src_path) == os.fspath(tmp_path / "app")
+    assert r.guest.vmware_tools is False
+    assert r.validate == Validate(
+        command=("/opt/app/bin/app", "--selftest"), inputs=(tmp_path / "testdata",),
+        environment={"SMOKE": "1"}, expect=Expect(exit=0, output="^RESULT [0-9]+$"),
+        until="exit", running_for=30.0, timeout=600.0)
 
 
 # --- validate: and the additions to version 1 ---------------------------------------------

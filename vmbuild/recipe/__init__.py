@@ -2,8 +2,9 @@
 
 Everything a recipe may say is listed once, in `SETTINGS` (mkosi style): each row names the
 section and key, the parser that checks and converts the value, the default, a description and
-the JSON-Schema fragment. Parsing, defaults, `recipe_schema()` (what `vmbuild schema` prints) and
-`settings_doc()` are all driven by that one table, so they cannot drift apart.
+the JSON-Schema fragment and an example. Parsing, defaults, `recipe_schema()` (what `vmbuild
+schema` prints) and the Markdown reference docs/recipe.md (`render_reference()`) are all driven
+by that one table, so they cannot drift apart.
 
 Values keep the file and line they were written on (the YAML is composed into nodes, not
 loaded into plain dicts) because every error must say `file:line: field: message`: a typo in
@@ -18,7 +19,10 @@ The package, one job per module:
 - paths.py: guest paths, and host paths confined to the recipe's directory
 - settings.py: the `SETTINGS` table and the section parser driven by it
 - loader.py: `load_recipe` with `extends:` (read, merge, validate, default), `recipes_dir`
-- schema.py: `recipe_schema` and `settings_doc`, derived from the table
+- schema.py: `recipe_schema`, the JSON Schema derived from the table
+- reference.py: `render_reference`, docs/recipe.md derived from the table (also
+  `python -m vmbuild.recipe.reference [--check]`; not imported here, so that `-m` runs it
+  cleanly)
 - canonical.py: `recipe_to_dict`, the effective settings as a canonical dict
 """
 
@@ -38,7 +42,7 @@ from vmbuild.recipe.model import (
     Recipe,
     Validate,
 )
-from vmbuild.recipe.schema import recipe_schema, settings_doc
+from vmbuild.recipe.schema import recipe_schema
 from vmbuild.recipe.settings import SETTINGS, Setting
 from vmbuild.recipe.settings import _from_python as _from_python
 from vmbuild.recipe.units import format_duration, format_size, parse_duration, parse_size
@@ -63,5 +67,4 @@ __all__ = [
     "recipe_schema",
     "recipe_to_dict",
     "recipes_dir",
-    "settings_doc",
 ]

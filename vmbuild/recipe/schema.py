@@ -1,13 +1,13 @@
-"""Derived from the table: the JSON Schema (`vmbuild schema`) and the markdown key reference."""
+"""Derived from the table: the JSON Schema (`vmbuild schema`). The Markdown reference is
+reference.py."""
 
 from __future__ import annotations
 
 import copy
-import json
 from collections.abc import Mapping
 from typing import Any
 
-from vmbuild.recipe.settings import _SECTIONS, SETTINGS, Setting
+from vmbuild.recipe.settings import _SECTIONS, Setting
 
 
 def _resolve_sections(fragment: Any) -> Any:
@@ -59,23 +59,6 @@ def recipe_schema() -> dict[str, Any]:
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "title": "vmbuild recipe, version 1",
-        "description": "A YAML recipe describing a VMware job image (see RECIPE.md).",
+        "description": "A YAML recipe describing a VMware job image (see docs/recipe.md).",
         **_object_schema(""),
     }
-
-
-def settings_doc() -> str:
-    """A markdown table of every recipe key, generated from SETTINGS."""
-    lines = ["| key | type | default | description |", "| --- | --- | --- | --- |"]
-    for s in SETTINGS:
-        if s.required:
-            default = "required"
-        elif s.default_doc:
-            default = s.default_doc
-        elif s.default is None or s.type.name == "section":
-            default = ""
-        else:
-            default = f"`{json.dumps(s.default)}`"
-        cells = [f"`{s.path}`", s.type.name, default, s.description]
-        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
-    return "\n".join(lines) + "\n"

@@ -116,8 +116,10 @@ SETTINGS: tuple[Setting, ...] = (
        "validate.command are replaced), scalars from the extending recipe win. Relative paths "
        "in a base are relative to the base's own directory.", example="debian-12-minimal"),
     _S("", "guest", _section("guest"),
-       "The minimal Debian machine: release, packages, virtual hardware and identity. These "
-       "settings (with output.disk_controller) shape the cached base image.", default={}),
+       "The minimal Debian machine: release, packages, virtual hardware and identity. The "
+       "release, mirror, packages, disk size and firmware (with output.disk_controller, which "
+       "picks the kernel) shape the cached base image; changing them builds a new one.",
+       default={}),
     _S("", "application", _section("application"),
        "What is put into the image at build time: files and directories from the recipe's "
        "directory, shell steps and an optional Ansible playbook, applied in that order.",
@@ -132,7 +134,7 @@ SETTINGS: tuple[Setting, ...] = (
        "The boot test at the end of a build (and of `vmbuild validate`). It boots the image on "
        "a throwaway layer; these settings reach the guest for that boot only, through the "
        "input disk, and are never baked into the shipped image, so the image run without "
-       "inputs behaves exactly as its job: section says.", default={}),
+       "inputs behaves exactly as its `job:` section says.", default={}),
 
     _S("guest", "release", _regex_type("Debian suite", _SUITE_PATTERN, "a Debian suite name"),
        "Debian suite.", default="bookworm", example="bookworm"),
@@ -167,8 +169,8 @@ SETTINGS: tuple[Setting, ...] = (
                                         "a time zone name such as UTC or Europe/Berlin"),
        "Guest time zone (a tz database name).", default="UTC", example="Europe/Berlin"),
     _S("guest", "ssh", _BOOL,
-       "Added to RECIPE.md v1: keep sshd installed and enabled in the shipped image. No keys "
-       "or passwords are left in the image either way.", default=False, example="true"),
+       "true: keep sshd installed and enabled in the shipped image. No keys or passwords are "
+       "left in the image either way.", default=False, example="true"),
     _S("guest", "vmware_tools", _BOOL,
        "true: open-vm-tools in the image, for time sync after a resume, the guest's IP "
        "address and soft power operations under VMware. Its services start only under "
@@ -262,7 +264,7 @@ SETTINGS: tuple[Setting, ...] = (
        "With until: started, how long the job must keep running; must be shorter than "
        "validate.timeout. No effect with until: exit.", default="30s", example="20s"),
     _S("validate", "timeout", _DURATION,
-       "The boot test fails past this, counted from power-on.", default="10m",
+       "The boot test fails when it has not passed within this.", default="10m",
        example="15m"),
 
     _S("validate.expect", "exit", _int(0, 255),

@@ -1,8 +1,8 @@
 """Value parsers: each checks one kind of value and converts it, or fails with the node's line.
 
-A `_Type` pairs a parser with its name (for settings_doc) and its JSON-Schema fragment, so the
-table in settings.py can describe every key with one object. Sizes and durations are in
-units.py, paths inside the recipe's directory in paths.py.
+A `_Type` pairs a parser with its name (shown in docs/recipe.md, see reference.py) and its
+JSON-Schema fragment, so the table in settings.py can describe every key with one object.
+Sizes and durations are in units.py, paths inside the recipe's directory in paths.py.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from vmbuild.recipe.yamlnodes import _fail, _kind, _Node, _show
 class _Type:
     """How one kind of value is checked (`parse`) and described (`name`, `schema`)."""
 
-    name: str  # for settings_doc(): "string", "size", "list of strings", ...
+    name: str  # for the reference (reference.py): "string", "size", "list of strings", ...
     parse: Callable[[_Node, str], Any]
     schema: Mapping[str, Any]
 
@@ -139,7 +139,7 @@ def _parse_version(node: _Node, field_: str) -> int:
     if value != RECIPE_VERSION:
         _fail(node.loc, field_,
               f"version {value} is not supported: this vmbuild reads recipe version "
-              f"{RECIPE_VERSION} (see RECIPE.md)")
+              f"{RECIPE_VERSION} (see docs/recipe.md)")
     return value
 
 
