@@ -1,5 +1,11 @@
-"""The VMware backend's lifecycle, against tests/standin/vmrun (a stand-in for VMware's
-`vmrun`, not VMware: see that file). Fast: the stand-in's "guest" counts in 0.1 s steps."""
+"""The VMware backend's lifecycle, against tests/standin/vmrun (a STAND-IN for VMware's
+`vmrun`, not VMware: see that file). Fast: the stand-in's "guest" counts in 0.1 s steps.
+
+The stand-in is strict where VMware's behaviour decides whether a job gets its inputs: it
+parses the .vmx, refuses what VMware refuses (and a disk under a device key VMware would
+silently ignore), records which disks it attached, and its guest reads the input disk's args
+and writes a file onto the output disk, so these tests see inputs go in and outputs come
+back for every disk controller."""
 
 from __future__ import annotations
 
@@ -12,6 +18,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from vmbuild.runner.vmx import load_vmx
 
 from .runner_harness import Runner
 
@@ -87,7 +95,8 @@ def test_runs_the_job_and_exits_with_its_status(image: Path, tmp_path: Path,
     out = tmp_path / "out"
     runner = start(image, tmp_path / "work", env, "--input", str(image), "--output-dir", str(out))
     assert runner.wait(60) == 3, runner.describe()
-    assert out.is_dir() and list(out.iterdir()) == []  # the stand-in's job writes no outputs
+    # the stand-in's guest writes one file onto the output disk; it came back
+    assert [p.name for p in out.iterdir()] == ["standin-result.txt"]
     assert runner.numbers == [1, 2, 3, 4, 5]
     assert running(env) == []
     # the image itself was never run: VMware ran a copy in the work directory
@@ -188,3 +197,242 @@ def test_periodic_checkpoints(image: Path, tmp_path: Path, standin_env: dict[str
     assert runner.wait(90) == 0, runner.describe()
     assert runner.numbers == list(range(1, 31))
     assert sum("VM suspended" in line for line in runner.err) >= 2, runner.describe()
+
+
+# --------------------------------------------------------------------------- disk keys
+
+HEADER = """\
+.encoding = "UTF-8"
+config.version = "8"
+virtualHW.version = "19"
+displayName = "tiny"
+guestOS = "debian12-64"
+memsize = "512"
+numvcpus = "1"
+serial0.present = "TRUE"
+serial0.fileType = "file"
+serial0.fileName = "console.log"
+serial1.present = "TRUE"
+serial1.fileType = "file"
+serial1.fileName = "job.log"
+serial2.present = "TRUE"
+serial2.fileType = "file"
+serial2.fileName = "control.log"
+"""
+
+#: controller -> (.vmx lines for the controller and its boot disk, the device-key prefix)
+CONTROLLERS = {
+    "pvscsi": ('scsi0.present = "TRUE"\nscsi0.virtualDev = "pvscsi"\n', "scsi0"),
+    "lsilogic": ('scsi0.present = "TRUE"\nscsi0.virtualDev = "lsilogic"\n', "scsi0"),
+    "sata": ('sata0.present = "TRUE"\n', "sata0"),
+    "nvme": ('firmware = "efi"\nnvme0.present = "TRUE"\n', "nvme0"),
+}
+
+
+def make_image(root: Path, controller: str, extra: str = "") -> Path:
+    """A fake image (a 1 MiB VMDK, nothing boots it: the stand-in's guest is simulated) on
+    ``controller``, with the boot disk at unit 0, as vmbuild's artifact stage writes it."""
+    lines, prefix = CONTROLLERS[controller]
+    root.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "vmdk", "-o", "adapter_type=lsilogic",
+                    str(root / "tiny.vmdk"), "1M"], check=True)
+    vmx = root / "tiny.vmx"
+    vmx.write_text(HEADER + lines + f'{prefix}:0.present = "TRUE"\n'
+                   f'{prefix}:0.fileName = "tiny.vmdk"\n' + extra)
+    return vmx
+
+
+def attached(env: dict[str, str]) -> list[dict[str, str]]:
+    """The disks the stand-in attached at its last `start` (its record, one VM per test)."""
+    records = list((Path(env["VMRUN_STANDIN_STATE"]) / "attached").glob("*.json"))
+    assert len(records) == 1, records
+    disks: list[dict[str, str]] = json.loads(records[0].read_text())["disks"]
+    return disks
+
+
+def ddb_adapter_type(vmdk: Path) -> str:
+    """ddb.adapterType from a monolithicSparse VMDK's embedded descriptor."""
+    text = vmdk.read_bytes()[:64 * 1024].decode("latin-1")
+    return text.split('ddb.adapterType = "', 1)[1].split('"', 1)[0]
+
+
+@pytest.mark.parametrize("controller", sorted(CONTROLLERS))
+def test_inputs_and_outputs_on_every_controller(controller: str, tmp_path: Path,
+                                                standin_env: dict[str, str]) -> None:
+    """The runner's .vmx names the system, input and output disks under the keys VMware
+    reads; the strict stand-in accepts it; the job sees its args; its outputs come back."""
+    image = make_image(tmp_path / "image", controller)
+    prefix = CONTROLLERS[controller][1]
+    data = tmp_path / "data.txt"
+    data.write_text("input file\n")
+    env = {**standin_env, "VMRUN_STANDIN_COUNT": "3"}
+    out, work = tmp_path / "out", tmp_path / "work"
+    runner = start(image, work, env, "--input", str(data), "--arg", "first",
+                   "--arg", "two words", "--output-dir", str(out))
+    assert runner.wait(60) == 0, runner.describe()
+    disks = attached(env)
+    assert [(d["key"], Path(d["file"]).name) for d in disks] == [
+        (f"{prefix}:0", "tiny.vmdk"), (f"{prefix}:1", "input.vmdk"),
+        (f"{prefix}:2", "output.vmdk")]
+    kind = controller if prefix == "scsi0" else prefix[:-1]
+    assert {d["controller"] for d in disks} == {kind}
+    # qemu-img's default is "ide"; VMware writes lsilogic for every non-IDE adapter
+    assert [d["adapterType"] for d in disks[1:]] == ["lsilogic", "lsilogic"]
+    assert any(text == 'input args: ["first", "two words"]' for _t, text in runner.lines), \
+        runner.describe()
+    result = json.loads((out / "standin-result.txt").read_text())
+    assert result == {"args": ["first", "two words"], "count": 3}
+    assert runner.numbers == [1, 2, 3]
+
+
+def test_runner_vmx_keys_and_descriptors(tmp_path: Path, standin_env: dict[str, str]) -> None:
+    """The .vmx the runner hands VMware (read while the VM is suspended, before the run
+    cleans up): no key built from the controller's type, and the new disks' descriptors
+    carry the adapter type of their controller."""
+    image = make_image(tmp_path / "image", "lsilogic")
+    env = {**standin_env, "VMRUN_STANDIN_COUNT": "40"}
+    work = tmp_path / "work"
+    runner = start(image, work, env, "--arg", "x")
+    runner.wait_number(2, timeout=60)
+    runner.signal(signal.SIGUSR1)
+    assert runner.wait(60) == 85, runner.describe()
+    mapping = load_vmx(work / "vm" / "tiny.vmx")
+    assert not [key for key in mapping if key.startswith("lsilogic")]
+    assert mapping["scsi0:1.filename"] == "input.vmdk"
+    assert mapping["scsi0:2.filename"] == "output.vmdk"
+    assert mapping["scsi0:1.present"] == mapping["scsi0:2.present"] == "TRUE"
+    for name in ("input.vmdk", "output.vmdk"):
+        assert ddb_adapter_type(work / "vm" / name) == "lsilogic"
+    last = start(image, work, env)  # the resumed VM is checked by the stand-in again
+    assert last.wait(60) == 0, last.describe()
+
+
+def test_scsi_unit_7_is_skipped(tmp_path: Path, standin_env: dict[str, str]) -> None:
+    """Units 1-6 taken: the job's disks go to 8 and 9 (SCSI ID 7 is the controller)."""
+    extra = ""
+    root = tmp_path / "image"
+    for unit in range(1, 7):
+        extra += f'scsi0:{unit}.present = "TRUE"\nscsi0:{unit}.fileName = "d{unit}.vmdk"\n'
+    image = make_image(root, "pvscsi", extra)
+    for unit in range(1, 7):
+        shutil.copy(root / "tiny.vmdk", root / f"d{unit}.vmdk")
+    env = {**standin_env, "VMRUN_STANDIN_COUNT": "1"}
+    runner = start(image, tmp_path / "work", env, "--arg", "a", "--output-dir",
+                   str(tmp_path / "out"))
+    assert runner.wait(60) == 0, runner.describe()
+    assert [d["key"] for d in attached(env)][-2:] == ["scsi0:8", "scsi0:9"]
+    assert (tmp_path / "out" / "standin-result.txt").exists()
+
+
+def test_no_free_unit_is_refused(tmp_path: Path, standin_env: dict[str, str]) -> None:
+    """NVMe has units 0-14: with all taken the runner refuses before starting anything."""
+    extra = "".join(f'nvme0:{u}.present = "TRUE"\nnvme0:{u}.fileName = "tiny.vmdk"\n'
+                    for u in range(1, 15))
+    image = make_image(tmp_path / "image", "nvme", extra)
+    runner = start(image, tmp_path / "work", standin_env)
+    assert runner.wait(60) == 2, runner.describe()
+    assert any("no free unit on nvme0 (units 0-14) for the job's output disk" in line
+               for line in runner.err), runner.describe()
+    assert running(standin_env) == []
+
+
+# --------------------------------------------------------------------------- strict stand-in
+
+
+def vmrun_rc(env: dict[str, str], *args: str) -> tuple[int, str]:
+    full = {**os.environ, **env}
+    proc = subprocess.run([str(STANDIN / "vmrun"), "-T", "ws", *args], env=full,
+                          capture_output=True, text=True, check=False)
+    return proc.returncode, proc.stdout
+
+
+def test_standin_refuses_disks_under_the_controller_type(tmp_path: Path,
+                                                         standin_env: dict[str, str]) -> None:
+    """Yesterday's runner wrote `lsilogic0:1.fileName`: VMware ignores the key (the job ran
+    without inputs, its outputs were lost); the strict stand-in refuses the VM instead."""
+    root = tmp_path / "image"
+    extra = ('lsilogic0:1.present = "TRUE"\nlsilogic0:1.fileName = "input.vmdk"\n'
+             'lsilogic0:2.present = "TRUE"\nlsilogic0:2.fileName = "output.vmdk"\n')
+    vmx = make_image(root, "lsilogic", extra)
+    shutil.copy(root / "tiny.vmdk", root / "input.vmdk")
+    shutil.copy(root / "tiny.vmdk", root / "output.vmdk")
+    rc, out = vmrun_rc(standin_env, "start", str(vmx), "nogui")
+    assert rc == 255
+    assert out.startswith("Error: ") and '"lsilogic0:1.filename"' in out
+    assert "not a device key VMware knows" in out
+    assert running(standin_env) == []
+    assert not (root / "tiny.vmx.lck").exists()
+    # an image carrying such keys: the runner passes them on, the stand-in refuses to start
+    runner = start(vmx, tmp_path / "work", standin_env)
+    assert runner.wait(60) == 90, runner.describe()
+    assert any("vmrun start failed" in line and "lsilogic0:1" in line for line in runner.err)
+
+
+def _child_with_missing_parent(root: Path) -> str:
+    parent = root / "parent.vmdk"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "vmdk", str(parent), "1M"], check=True)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "vmdk", "-o", "hwversion=6", "-b",
+                    "parent.vmdk", "-F", "vmdk", str(root / "child.vmdk")], check=True)
+    parent.rename(root / "elsewhere.vmdk")
+    return 'scsi0:1.present = "TRUE"\nscsi0:1.fileName = "child.vmdk"\n'
+
+
+@pytest.mark.parametrize(("case", "edit", "message"), [
+    ("missing file", 'scsi0:1.present = "TRUE"\nscsi0:1.fileName = "gone.vmdk"\n',
+     "Cannot open the disk"),
+    ("controller absent", 'scsi1:0.present = "TRUE"\nscsi1:0.fileName = "tiny.vmdk"\n',
+     'on the controller "scsi1", which is not present'),
+    ("controller FALSE", 'sata0.present = "FALSE"\nsata0:0.present = "TRUE"\n'
+     'sata0:0.fileName = "tiny.vmdk"\n', 'on the controller "sata0", which is not present'),
+    ("unit 7", 'scsi0:7.present = "TRUE"\nscsi0:7.fileName = "tiny.vmdk"\n',
+     'Invalid configuration for device "scsi0:7" (SCSI ID 7 is the controller itself)'),
+    ("sata unit 30", 'sata0.present = "TRUE"\nsata0:30.present = "TRUE"\n'
+     'sata0:30.fileName = "tiny.vmdk"\n', 'Invalid configuration for device "sata0:30"'),
+    ("device type", 'sata0.present = "TRUE"\nsata0:0.present = "TRUE"\n'
+     'sata0:0.fileName = "tiny.vmdk"\nsata0:0.deviceType = "scsi-hardDisk"\n',
+     'The device type "scsi-hardDisk" specified for "sata0:0" is not supported'),
+    ("missing parent", None, "The parent of this virtual disk could not be opened"),
+])
+def test_standin_refuses_what_vmware_refuses(case: str, edit: str | None, message: str,
+                                             tmp_path: Path,
+                                             standin_env: dict[str, str]) -> None:
+    root = tmp_path / "image"
+    root.mkdir()
+    vmx = make_image(root, "pvscsi", edit if edit is not None else
+                     _child_with_missing_parent(root))
+    rc, out = vmrun_rc(standin_env, "start", str(vmx), "nogui")
+    assert rc == 255, (case, out)
+    assert out.startswith("Error: ") and message in out, (case, out)
+    assert running(standin_env) == []
+
+
+def test_standin_accepts_a_child_disk_and_an_escaped_key(tmp_path: Path,
+                                                         standin_env: dict[str, str]) -> None:
+    """A delta disk whose parent is found (relative to the child, or absolute) is attached,
+    with its adapter type; keys are case-insensitive and values |XX-unescaped as VMware
+    reads them."""
+    root = tmp_path / "image"
+    root.mkdir()
+    parent = root / "base" / "parent disk.vmdk"
+    parent.parent.mkdir()
+    subprocess.run(["qemu-img", "create", "-q", "-f", "vmdk", str(parent), "1M"], check=True)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "vmdk", "-o",
+                    "adapter_type=lsilogic,hwversion=6", "-b", "base/parent disk.vmdk", "-F",
+                    "vmdk", str(root / "child.vmdk")], check=True)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "vmdk", "-b", str(parent), "-F",
+                    "vmdk", str(root / "abs|child.vmdk")], check=True)
+    vmx = make_image(root, "pvscsi", 'SCSI0:1.Present = "TRUE"\nscsi0:1.FILENAME = '
+                     '"child.vmdk"\nscsi0:2.present = "TRUE"\nscsi0:2.fileName = '
+                     '"abs|7Cchild.vmdk"\n')
+    env = {**standin_env, "VMRUN_STANDIN_COUNT": "1"}
+    rc, out = vmrun_rc(env, "start", str(vmx), "nogui")
+    assert rc == 0, out
+    disks = attached(env)
+    assert [(d["key"], Path(d["file"]).name, d["adapterType"]) for d in disks] == [
+        ("scsi0:0", "tiny.vmdk", "lsilogic"), ("scsi0:1", "child.vmdk", "lsilogic"),
+        ("scsi0:2", "abs|child.vmdk", "ide")]
+    for _ in range(600):  # the job counts to one and powers off
+        if not (root / "tiny.vmx.lck").exists():
+            break
+        time.sleep(0.05)
+    assert running(env) == []

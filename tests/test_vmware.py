@@ -26,9 +26,12 @@ from vmbuild.runner.vmx import (
     VmxError,
     VmxNic,
     VmxSerial,
+    controller_prefix,
     dump_vmx,
+    free_units,
     load_vmx,
     parse_vmx,
+    vmx_disks,
     vmx_escape,
     vmx_info,
     vmx_unescape,
@@ -382,6 +385,50 @@ def test_lint_detects_unportable_paths_and_unknown_devices(image: Callable[..., 
     assert any("scsi0.virtualDev 'megaraid'" in p for p in problems)
     assert any("ethernet0.virtualDev 'tulip'" in p for p in problems)
     assert any("memsize is set twice" in p for p in problems)
+
+
+@needs_qemu_img
+def test_lint_reports_disks_vmware_would_not_attach(image: Callable[..., Path]) -> None:
+    """The runner once wrote its job disks as `lsilogic0:1.*` (the controller's type, not
+    its key): VMware ignores such keys silently and the job lost its inputs and outputs.
+    The lint names every disk VMware would not attach."""
+    vmx = image(controller="lsilogic")
+    shutil.copyfile(vmx.parent / "hello.vmdk", vmx.parent / "input.vmdk")
+    with vmx.open("a") as f:
+        f.write('lsilogic0:1.present = "TRUE"\nlsilogic0:1.fileName = "input.vmdk"\n'
+                'scsi1:0.present = "TRUE"\nscsi1:0.fileName = "input.vmdk"\n'
+                'sata1:0.fileName = "input.vmdk"\n'
+                'scsi0:3.fileName = "input.vmdk"\n'
+                'scsi0:20.present = "TRUE"\nscsi0:20.fileName = "input.vmdk"\n')
+    problems = lint_vmx(vmx)
+    assert any("lsilogic0:1.fileName names a disk under 'lsilogic0:1', which is not a "
+               "device key VMware knows" in p for p in problems), problems
+    assert "hello.vmx: scsi1:0 is present but its controller scsi1 is not" in problems
+    assert ("hello.vmx: sata1:0.fileName names a disk on sata1, a controller that is not "
+            "present; VMware would not attach it") in problems
+    assert ("hello.vmx: scsi0:3.fileName names a disk but scsi0:3.present is not TRUE; "
+            "VMware would not attach it") in problems
+    assert "hello.vmx: scsi0:20: scsi controllers have units 0-15 only" in problems
+    assert len(problems) == 5, problems
+
+
+@needs_qemu_img
+@pytest.mark.parametrize("controller", ["pvscsi", "lsilogic", "sata", "nvme"])
+def test_lint_accepts_job_disks_under_the_controller_key(image: Callable[..., Path],
+                                                         controller: str) -> None:
+    """What the runner adds (the next free units of the boot controller) lints clean."""
+    firmware = "efi" if controller == "nvme" else "bios"
+    vmx = image(controller=controller, firmware=firmware)
+    mapping = load_vmx(vmx)
+    boot = vmx_disks(mapping)[0]
+    shutil.copyfile(vmx.parent / "hello.vmdk", vmx.parent / "output.vmdk")
+    units = list(free_units(mapping, controller_prefix(boot.controller), boot.bus))
+    assert units[:2] == [1, 2]
+    assert len(units) == {"pvscsi": 14, "lsilogic": 14, "sata": 29, "nvme": 14}[controller]
+    key = VmxDisk(boot.controller, boot.bus, units[0], "output.vmdk").key
+    with vmx.open("a") as f:
+        f.write(f'{key}.present = "TRUE"\n{key}.fileName = "output.vmdk"\n')
+    assert lint_vmx(vmx, qemu_img=None) == []
 
 
 def test_lint_reports_unparsable_vmx(tmp_path: Path) -> None:

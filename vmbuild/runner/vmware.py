@@ -2,7 +2,9 @@
 
 The image is copied into ``WORKDIR/vm/`` on a fresh start (VMware writes to its disks in
 place, so the built image itself is never run), with the job's input and output disks added
-as extra SCSI disks (VMDKs made with ``qemu-img`` from the ext4 images of :mod:`jobio`).
+as extra disks on the boot disk's controller, under the device keys VMware reads
+(``scsi0:1``, ``sata0:1``, ``nvme0:1``), as VMDKs made with ``qemu-img`` from the ext4
+images of :mod:`jobio` whose ``ddb.adapterType`` fits that controller.
 ``vmrun -T TYPE start VM.vmx nogui`` starts it; VMware's file-backed serial ports write
 ``job.log`` and ``control.log`` beside the ``.vmx``, which the runner follows (reading the
 files, no subprocess per look); the VM is gone when VMware removes its ``.vmx.lck``
@@ -44,7 +46,18 @@ from .core import (
     read_json,
     write_atomic,
 )
-from .vmx import VmxError, load_vmx, read_vmx_text, vmx_escape, vmx_info
+from .vmx import (
+    UNIT_RANGES,
+    VMDK_ADAPTER_TYPES,
+    VmxDisk,
+    VmxError,
+    controller_prefix,
+    free_units,
+    load_vmx,
+    read_vmx_text,
+    vmx_escape,
+    vmx_info,
+)
 
 POLL = 0.25  # seconds between looks at the serial files and the lock directory
 VM_DIR = "vm"
@@ -128,12 +141,21 @@ class VmwareBackend(Backend):
                      json.dumps(manifest, indent=1).encode() + b"\n")
 
     def _fresh_copy(self) -> None:
-        """Copy the image into vm/ (via a staging directory renamed into place)."""
+        """Copy the image into vm/ (via a staging directory renamed into place), with the
+        job's input and output disks added on the boot disk's controller."""
         src = self.options.vmx
         try:
-            info = vmx_info(load_vmx(src))
+            mapping = load_vmx(src)
+            info = vmx_info(mapping)
         except (OSError, VmxError) as exc:
             raise RunnerError(f"{src}: {exc}", 2) from exc
+        if not info.disks:
+            raise RunnerError(f"{src}: the VM has no hard disk", 2)
+        opts = self.options
+        names = ["output.vmdk"]
+        if opts.inputs or opts.args or opts.env:
+            names.insert(0, "input.vmdk")
+        placed = self._place_disks(src, mapping, info.disks[0], names)
         stage = self.wd.path / f".stage-vm-{os.getpid()}"
         shutil.rmtree(stage, ignore_errors=True)
         stage.mkdir(parents=True)
@@ -141,40 +163,57 @@ class VmwareBackend(Backend):
         for disk in info.disks:
             shutil.copy2(src.parent / disk.file_name, stage / Path(disk.file_name).name)
         extra: dict[str, str] = {"uuid.action": "keep", "msg.autoAnswer": "TRUE"}
-        boot = info.disks[0]
-        prefix = f"{boot.controller if boot.controller != 'pvscsi' else 'scsi'}"
-        used = {d.unit for d in info.disks if d.bus == boot.bus}
-        unit = max(used) + 1
-        disks: list[tuple[str, Path]] = []
-        opts = self.options
-        if opts.inputs or opts.args or opts.env:
-            tmp = stage / "input.qcow2"
-            jobio.make_input_disk(tmp, opts.inputs, opts.args, opts.env)
-            disks.append(("input.vmdk", tmp))
-        tmp = stage / "output.qcow2"
-        jobio.make_output_disk(tmp, opts.output_size_mib)
-        disks.append(("output.vmdk", tmp))
-        for name, qcow in disks:
-            subprocess.run(["qemu-img", "convert", "-q", "-O", "vmdk", str(qcow),
-                            str(stage / name)], check=True)
+        for disk in placed:
+            qcow = stage / f"{Path(disk.file_name).stem}.qcow2"
+            if disk.file_name == "input.vmdk":
+                jobio.make_input_disk(qcow, opts.inputs, opts.args, opts.env)
+            else:
+                jobio.make_output_disk(qcow, opts.output_size_mib)
+            adapter = VMDK_ADAPTER_TYPES.get(disk.controller, "lsilogic")
+            subprocess.run(["qemu-img", "convert", "-q", "-O", "vmdk",
+                            "-o", f"adapter_type={adapter}", str(qcow),
+                            str(stage / disk.file_name)], check=True)
             qcow.unlink()
-            if unit == 7 and prefix == "scsi":
-                unit += 1  # SCSI id 7 is the controller's own
-            key = f"scsi{boot.bus}:{unit}" if prefix == "scsi" else f"{prefix}{boot.bus}:{unit}"
-            extra[f"{key}.present"] = "TRUE"
-            extra[f"{key}.fileName"] = name
-            unit += 1
+            # No deviceType: VMware takes a .vmdk under a disk key as a hard disk
+            # ("scsi-hardDisk" / "disk" are only needed for raw devices).
+            extra[f"{disk.key}.present"] = "TRUE"
+            extra[f"{disk.key}.fileName"] = disk.file_name
         for port in info.serial_ports:
             if port.number == 1:
                 self.serial_names["job"] = Path(port.file_name).name
             if port.number == 2:
                 self.serial_names["control"] = Path(port.file_name).name
+        # Drop the keys being set and anything left under the units now taken (a stale
+        # "scsi0:1.deviceType = cdrom-image" of an absent device would make a disk a CD).
+        replaced = {k.lower() for k in extra}
+        units = tuple(f"{disk.key.lower()}." for disk in placed)
         lines = [line for line in text.splitlines()
-                 if line.split("=", 1)[0].strip().lower() not in {k.lower() for k in extra}]
+                 if (key := line.split("=", 1)[0].strip().lower()) not in replaced
+                 and not key.startswith(units)]
         lines += [f'{key} = "{vmx_escape(value)}"' for key, value in extra.items()]
         (stage / src.name).write_text("\n".join(lines) + "\n")
         shutil.rmtree(self.vm_dir, ignore_errors=True)
         os.replace(stage, self.vm_dir)
+
+    @staticmethod
+    def _place_disks(src: Path, mapping: dict[str, str], boot: VmxDisk,
+                     names: list[str]) -> list[VmxDisk]:
+        """Give each extra disk a free unit on the boot disk's controller, under the key
+        VMware reads (``VmxDisk.key``: ``scsiN:M`` for every SCSI kind, ``sataN:M``,
+        ``nvmeN:M``). A disk under any other key is ignored by VMware, silently: the job
+        would run without its inputs and its outputs would be lost."""
+        prefix = controller_prefix(boot.controller)
+        units = free_units(mapping, prefix, boot.bus)
+        placed: list[VmxDisk] = []
+        for name in names:
+            unit = next(units, None)
+            if unit is None:
+                limit = UNIT_RANGES[prefix][0]
+                raise RunnerError(
+                    f"{src}: no free unit on {prefix}{boot.bus} (units {limit.start}-"
+                    f"{limit.stop - 1}) for the job's {Path(name).stem} disk", 2)
+            placed.append(VmxDisk(boot.controller, boot.bus, unit, name))
+        return placed
 
     def _lock_dir(self) -> Path:
         return self.vmx.with_name(self.vmx.name + ".lck")

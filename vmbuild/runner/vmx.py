@@ -26,6 +26,8 @@ from typing import NamedTuple
 
 __all__ = [
     "SCSI_KINDS",
+    "UNIT_RANGES",
+    "VMDK_ADAPTER_TYPES",
     "VmxDisk",
     "VmxError",
     "VmxInfo",
@@ -33,8 +35,10 @@ __all__ = [
     "VmxNic",
     "VmxSerial",
     "controller_kind",
+    "controller_prefix",
     "controller_present",
     "dump_vmx",
+    "free_units",
     "iter_vmx_lines",
     "load_vmx",
     "parse_vmx",
@@ -251,7 +255,7 @@ class VmxDisk(NamedTuple):
     @property
     def key(self) -> str:
         """The VMware device key prefix, e.g. ``scsi0:0``."""
-        return f"{_controller_prefix(self.controller)}{self.bus}:{self.unit}"
+        return f"{controller_prefix(self.controller)}{self.bus}:{self.unit}"
 
 
 class VmxNic(NamedTuple):
@@ -272,9 +276,50 @@ class VmxSerial(NamedTuple):
 
 SCSI_KINDS = frozenset({"pvscsi", "lsilogic", "lsisas1068", "buslogic"})
 
+#: Device units each controller prefix offers, and the ones a disk may not take: SCSI IDs
+#: 0-15 with 7 the controller's own; SATA (AHCI) ports 0-29; NVMe namespaces 0-14; IDE
+#: master/slave. A unit outside these is a device VMware refuses to power on.
+UNIT_RANGES: dict[str, tuple[range, frozenset[int]]] = {
+    "scsi": (range(16), frozenset({7})),
+    "sata": (range(30), frozenset()),
+    "nvme": (range(15), frozenset()),
+    "ide": (range(2), frozenset()),
+}
 
-def _controller_prefix(kind: str) -> str:
-    return kind if kind in ("sata", "nvme", "ide") else "scsi"  # SCSI kinds: by virtualDev
+#: ``ddb.adapterType`` for a VMDK attached to each controller kind. A VMDK descriptor knows
+#: only ``ide``, ``buslogic`` and ``lsilogic`` (``legacyESX`` for old ESX): VMware's own
+#: ``vmware-vdiskmanager -a`` help lists "ide, buslogic, lsilogic. Pass lsilogic for other
+#: adapter types", and the vSphere API's VirtualDiskAdapterType enum has only ide, busLogic
+#: and lsiLogic. So PVSCSI, LSI SAS, SATA and NVMe disks are all ``lsilogic`` (kiwi issue
+#: #1847 reports VMware support saying the same for PVSCSI); only IDE disks say ``ide``.
+VMDK_ADAPTER_TYPES: dict[str, str] = {
+    "pvscsi": "lsilogic",
+    "lsilogic": "lsilogic",
+    "lsisas1068": "lsilogic",
+    "buslogic": "buslogic",
+    "sata": "lsilogic",
+    "nvme": "lsilogic",
+    "ide": "ide",
+}
+
+
+def controller_prefix(kind: str) -> str:
+    """The device-key prefix for a controller kind: every SCSI kind is ``scsiN`` (told apart
+    by ``scsiN.virtualDev``), the others are named by their kind (``sataN``, ``nvmeN``)."""
+    return kind if kind in ("sata", "nvme", "ide") else "scsi"
+
+
+def free_units(mapping: Mapping[str, str], prefix: str, bus: int) -> Iterator[int]:
+    """The units of controller ``prefix``+``bus`` a new disk may take, lowest first: those
+    in the controller's range, not reserved, and not held by a present device (a CD-ROM
+    counts too) in the parsed ``mapping``."""
+    units, reserved = UNIT_RANGES[prefix]
+    taken: set[int] = set()
+    for key, value in mapping.items():
+        match = _DEVICE_PRESENT_RE.match(key)
+        if match and match.group(1) == prefix and int(match.group(2)) == bus and vmx_bool(value):
+            taken.add(int(match.group(3)))
+    return (unit for unit in units if unit not in reserved and unit not in taken)
 
 
 @dataclass(frozen=True)
@@ -293,6 +338,7 @@ class VmxInfo:
 
 
 _DEVICE_RE = re.compile(r"^(scsi|sata|nvme|ide)(\d+):(\d+)\.filename$")
+_DEVICE_PRESENT_RE = re.compile(r"^(scsi|sata|nvme|ide)(\d+):(\d+)\.present$")
 _NIC_RE = re.compile(r"^ethernet(\d+)\.present$")
 _SERIAL_RE = re.compile(r"^serial(\d+)\.present$")
 

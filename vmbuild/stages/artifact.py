@@ -18,6 +18,7 @@ from pathlib import Path
 from vmbuild.recipe import Recipe
 from vmbuild.runner.vmx import (
     SCSI_KINDS,
+    UNIT_RANGES,
     VmxError,
     controller_present,
     dump_vmx,
@@ -205,6 +206,8 @@ def _plain_file_name(name: str) -> bool:
 
 _REQUIRED = (".encoding", "config.version", "virtualhw.version", "guestos", "memsize", "numvcpus")
 _DEVICE_PRESENT_RE = re.compile(r"^(scsi|sata|nvme|ide)(\d+):(\d+)\.present$")
+# Any "<word><n>:<m>.fileName": a disk named under a device key, known or not.
+_ANY_DEVICE_FILE_RE = re.compile(r"^([a-z_]+?)(\d+):(\d+)\.filename$")
 _SCSI_PRESENT_RE = re.compile(r"^scsi(\d+)\.present$")
 _NIC_PRESENT_RE = re.compile(r"^ethernet(\d+)\.present$")
 _SERIAL_PRESENT_RE = re.compile(r"^serial(\d+)\.present$")
@@ -232,7 +235,9 @@ def lint_vmx(
     Each problem is a sentence naming the file and the key. Checked: the file parses;
     no key is set twice; the required keys are there; virtualHW.version, memsize and
     numvcpus are in VMware's ranges; there is a disk, its controller is present and of a
-    known kind, and its file exists beside the ``.vmx`` under a relative path; the hardware
+    known kind, its unit is one the controller has, and its file exists beside the ``.vmx``
+    under a relative path; no disk is named where VMware would silently not attach it (an
+    unknown device key such as ``lsilogic0:1``, an absent controller, no ``.present``); the hardware
     version supports the controllers, NICs and firmware; serial port files are relative;
     then every VMDK is linted with :func:`lint_vmdk`.
     """
@@ -294,10 +299,34 @@ def lint_vmx(
             if not controller_present(vmx, prefix, bus):
                 problems.append(f"{name}: {dev} is present but its controller {prefix}{bus} "
                                 "is not")
-            if prefix == "scsi" and unit == 7:
+            units, reserved = UNIT_RANGES[prefix]
+            if prefix == "scsi" and unit in reserved:
                 problems.append(f"{name}: {dev}: SCSI unit 7 is the controller's own ID")
+            elif unit not in units:
+                problems.append(f"{name}: {dev}: {prefix} controllers have units "
+                                f"{units.start}-{units.stop - 1} only")
             if not vmx.get(f"{dev}.filename"):
                 problems.append(f"{name}: {dev}.fileName is missing")
+        elif match := _ANY_DEVICE_FILE_RE.match(key):
+            # A disk VMware will not attach: it ignores keys it does not know, and a device
+            # without "present" or on an absent controller, silently. The job then runs
+            # without that disk (its inputs, its outputs: lost), so this is an error.
+            prefix, bus = match.group(1), int(match.group(2))
+            dev = key[: -len(".filename")]
+            original = next((e.key for e in lines if e.key.lower() == key), key)
+            if prefix not in UNIT_RANGES:
+                problems.append(
+                    f"{name}: {original} names a disk under {original.split('.')[0]!r}, "
+                    "which is not a device key VMware knows (disks are scsiN:M for every SCSI "
+                    "kind, sataN:M, nvmeN:M, ideN:M); VMware would ignore it silently")
+            elif vmx_bool(vmx.get(f"{dev}.present")):
+                pass  # a present device: checked above, with its .present key
+            elif not controller_present(vmx, prefix, bus):
+                problems.append(f"{name}: {original} names a disk on {prefix}{bus}, a "
+                                "controller that is not present; VMware would not attach it")
+            elif "cdrom" not in vmx.get(f"{dev}.devicetype", "").lower():
+                problems.append(f"{name}: {original} names a disk but {dev}.present is not "
+                                "TRUE; VMware would not attach it")
     disks = vmx_disks(vmx)
     if not disks:
         problems.append(f"{name}: the VM has no hard disk (no present scsi/sata/nvme/ide disk "
