@@ -205,6 +205,30 @@ def runner_bundle(
 
 
 @app.command()
+def init(
+    directory: Annotated[Path, typer.Argument(
+        help="Where to write the new recipe; created if missing, refused if not empty.")],
+    template: Annotated[str, typer.Option(
+        help="python (a Python script), shell (a POSIX sh script) or binary (a C program "
+             "compiled at build time).")] = "python",
+    name: Annotated[str | None, typer.Option(
+        help="The image name [default: DIRECTORY's name]; [a-z0-9][a-z0-9-]{0,62}.")] = None,
+) -> None:
+    """Start a new job image: a commented recipe.yaml, a tiny app and a README, which
+    `vmbuild check` accepts and which builds as it stands."""
+    from vmbuild.init import init_project
+
+    try:
+        written = init_project(directory, template, name)
+    except VmbuildError as exc:
+        _fail(exc)
+    for path in written:
+        print(path)
+    print(f"next: vmbuild check {directory / 'recipe.yaml'} (see {directory / 'README.md'})",
+          file=sys.stderr)
+
+
+@app.command()
 def version() -> None:
     """Print vmbuild's version."""
     print(__version__)
@@ -213,7 +237,7 @@ def version() -> None:
 register_schedulers(app)
 
 _COMMANDS = {"build", "check", "schema", "validate", "version", "run", "runner-bundle",
-             "submit", "probe"}
+             "submit", "probe", "init"}
 
 
 def main() -> None:
