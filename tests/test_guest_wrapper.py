@@ -22,7 +22,8 @@ from vmbuild.stages.playbook import job_config
 WRAPPER = Path(__file__).resolve().parents[1] / "vmbuild" / "guest" / "vmbuild-job"
 
 
-def run_wrapper(tmp_path: Path, config: dict[str, Any]) -> tuple[int, str, list[dict[str, Any]]]:
+def run_wrapper(tmp_path: Path, config: dict[str, Any], input_dir: Path | None = None
+                ) -> tuple[int, str, list[dict[str, Any]]]:
     job_port, control_port = tmp_path / "job.log", tmp_path / "control.log"
     job_port.write_bytes(b"")
     control_port.write_bytes(b"")
@@ -30,6 +31,8 @@ def run_wrapper(tmp_path: Path, config: dict[str, Any]) -> tuple[int, str, list[
     cfg.write_text(json.dumps(config))
     env = dict(os.environ, VMBUILD_JOB_PORT=str(job_port),
                VMBUILD_CONTROL_PORT=str(control_port), VMBUILD_NO_DISKS="1")
+    if input_dir is not None:
+        env["VMBUILD_INPUT_DIR"] = str(input_dir)
     proc = subprocess.run([sys.executable, str(WRAPPER), str(cfg)], env=env,
                           capture_output=True, timeout=120)
     output = JobOutputFilter().feed(job_port.read_bytes()).decode()
@@ -73,6 +76,28 @@ class TestWrapper:
         status, _, events = run_wrapper(tmp_path, config(command=["/nonexistent/job"]))
         assert status == 127
         assert events[-1]["event"] == "exited" and events[-1]["status"] == 127
+
+    def test_the_input_disk_can_replace_the_command_for_one_boot(self, tmp_path: Path) -> None:
+        """A validation boot's command and environment come from the input disk's spec; the
+        image's own job.json is not touched."""
+        inputs = tmp_path / "input"
+        inputs.mkdir()
+        (inputs / "vmbuild-input.json").write_text(json.dumps({
+            "args": ["x y"], "environment": {"SMOKE": "1"},
+            "command": ["/bin/sh", "-c", 'echo "$0|$1|$SMOKE|$VMBUILD_INPUT"', "cmd"]}))
+        status, output, events = run_wrapper(
+            tmp_path, config(command=["/bin/false"]), input_dir=inputs)
+        assert status == 0
+        assert output == f"cmd|x y|1|{inputs}\n"
+        assert events[0]["argv"][:2] == ["/bin/sh", "-c"]
+
+    def test_a_spec_without_a_command_runs_the_job_as_built(self, tmp_path: Path) -> None:
+        inputs = tmp_path / "input"
+        inputs.mkdir()
+        (inputs / "vmbuild-input.json").write_text(json.dumps({"command": "not a list"}))
+        status, output, _ = run_wrapper(
+            tmp_path, config(command=["/bin/sh", "-c", "echo as built"]), input_dir=inputs)
+        assert (status, output) == (0, "as built\n")
 
     def test_unknown_user_is_reported(self, tmp_path: Path) -> None:
         status, _, events = run_wrapper(tmp_path, config(user="no-such-user-here"))

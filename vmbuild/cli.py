@@ -8,6 +8,7 @@ Exit statuses: 0 success; 1 build failed; 2 bad input (recipe, options); 3 valid
 from __future__ import annotations
 
 import json
+import re
 import signal
 import sys
 import time
@@ -18,7 +19,7 @@ import typer
 
 from vmbuild import __version__
 from vmbuild.cli_schedulers import register as register_schedulers
-from vmbuild.errors import VmbuildError
+from vmbuild.errors import UsageError, VmbuildError
 from vmbuild.events import Event
 
 app = typer.Typer(
@@ -90,8 +91,9 @@ def build(
         "--no-validate", help="Skip the lint and the boot test.")] = False,
     refresh_base: Annotated[bool, typer.Option(
         "--refresh-base", help="Rebuild the cached base image even if one matches.")] = False,
-    boot_timeout: Annotated[float, typer.Option(
-        help="Seconds the validation boot may take before it fails.")] = 600.0,
+    boot_timeout: Annotated[float | None, typer.Option(
+        help="Seconds the validation boot may take before it fails "
+             "[default: the recipe's validate.timeout, 10m].")] = None,
     keep_work: Annotated[bool, typer.Option(
         help="Keep the temporary work directory (logs, playbook) for debugging.")] = False,
     json_out: JsonOpt = False,
@@ -118,11 +120,14 @@ def build(
               file=sys.stderr)
         raise typer.Exit(130) from None
     base = "reused the cached base image" if result.base_cached else "built a new base image"
-    checked = "validated by a boot test" if result.validated else "not validated"
+    checked = "not validated"
+    if result.validated:
+        checked = "validated by a boot test (" + _proof(result.validation) + ")"
     sizes = result.manifest["sizes"]
     payload = {"output_dir": str(result.output_dir), "vmx": str(result.vmx),
                "vmdk": str(result.vmdk), "base_cached": result.base_cached,
-               "validated": result.validated, "seconds": round(result.seconds, 1),
+               "validated": result.validated, "validation": result.validation,
+               "seconds": round(result.seconds, 1),
                "sizes": sizes, "timings": result.manifest.get("timings", {})}
     presenter.result(payload, f"image: {result.vmx}\n"
                               f"disk:  {result.vmdk} ({sizes['vmdk'] / 2**20:.0f} MiB)\n"
@@ -147,11 +152,40 @@ def check(recipe: Annotated[Path, typer.Argument(help="The recipe file (YAML).")
 
 
 @app.command()
-def schema() -> None:
-    """Print the JSON Schema of the recipe format (for yaml-language-server and editors)."""
+def schema(
+    markdown: Annotated[bool, typer.Option(
+        "--markdown", help="Print the recipe reference (docs/recipe.md) instead.")] = False,
+) -> None:
+    """Print the JSON Schema of the recipe format (for yaml-language-server and editors), or
+    with --markdown the reference of every key (an installed vmbuild has no docs/ folder)."""
+    if markdown:
+        from vmbuild.recipe.reference import render_reference
+
+        print(render_reference(), end="")
+        return
     from vmbuild.recipe import recipe_schema
 
     print(json.dumps(recipe_schema(), indent=2))
+
+
+def _proof(validation: dict[str, Any]) -> str:
+    """Which mode proved an image, in words (build summary, validate result)."""
+    if validation.get("mode") == "started":
+        how = "powered off cleanly" if validation.get("clean_shutdown") else "was stopped"
+        return (f"until started: the job ran {validation.get('ran_for', 0):.0f}s, "
+                f"then the VM {how}")
+    return f"until exit: the job exited {validation.get('status')}"
+
+
+def _duration(text: str | None, option: str) -> float | None:
+    from vmbuild.recipe import parse_duration
+
+    if text is None:
+        return None
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise UsageError(f"{option}: {exc}") from None
 
 
 @app.command()
@@ -159,26 +193,96 @@ def validate(
     vmx: Annotated[Path, typer.Argument(help="The image's .vmx file.")],
     no_boot: Annotated[bool, typer.Option(
         "--no-boot", help="Lint only; skip the boot test.")] = False,
-    boot_timeout: Annotated[float, typer.Option(help="Seconds the boot may take.")] = 600.0,
+    inputs: Annotated[list[Path] | None, typer.Option(
+        "--input", help="A file or directory for the job's input disk ($VMBUILD_INPUT in the "
+                        "guest), as `vmbuild run --input` attaches it. Repeatable.")] = None,
+    env: Annotated[list[str] | None, typer.Option(
+        "--env", help="KEY=VALUE for the job's environment, this boot only. Repeatable.")] = None,
+    command: Annotated[str | None, typer.Option(
+        help="Run this (with /bin/sh -c) instead of the image's job command, this boot only.")
+    ] = None,
+    expect_exit: Annotated[int, typer.Option(help="The exit status the job must report.")] = 0,
+    expect_output: Annotated[str | None, typer.Option(
+        help="A Python regex that must match a line of the job's output.")] = None,
+    until: Annotated[str, typer.Option(
+        help="exit: the job must finish; started: it must start and keep running for "
+             "--running-for, then the VM is shut down (for jobs that run for hours).")] = "exit",
+    running_for: Annotated[str, typer.Option(
+        help="With --until started: how long the job must keep running.")] = "30s",
+    timeout: Annotated[str | None, typer.Option(
+        help="The boot test fails past this (e.g. 10m) [default: 10m].")] = None,
+    boot_timeout: Annotated[float | None, typer.Option(
+        help="The same as --timeout, in seconds.")] = None,
     logs: Annotated[Path | None, typer.Option(
         help="Keep the boot's console.log, job.log and control.log in this directory.")] = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Lint a .vmx and its .vmdk, then boot it under QEMU and check the job ran and powered off."""
-    from vmbuild.stages.validate import validate_image
+    """Lint a .vmx and its .vmdk, then boot it under QEMU and check the job: it ran to its
+    expected exit status and the VM powered off, or (--until started) it started and kept
+    running. Settings reach the guest for this boot only, on the input disk."""
+    from vmbuild.stages.validate import (
+        DEFAULT_BOOT_TIMEOUT,
+        BootSpec,
+        parse_env,
+        result_data,
+        validate_image,
+    )
 
     presenter = Presenter(json_out)
     try:
-        result = validate_image(vmx, presenter, boot_test=not no_boot, timeout=boot_timeout,
-                                logs=logs)
+        if until not in ("exit", "started"):
+            raise UsageError(f"--until {until!r}: use exit or started")
+        if expect_output is not None:
+            try:
+                re.compile(expect_output)
+            except re.error as exc:
+                raise UsageError(f"--expect-output: not a valid regex: {exc}") from None
+        limit = _duration(timeout, "--timeout") or boot_timeout or DEFAULT_BOOT_TIMEOUT
+        spec = BootSpec(command=("/bin/sh", "-c", command) if command else None,
+                        inputs=tuple(inputs or ()), environment=parse_env(env or []),
+                        expect_exit=expect_exit, expect_output=expect_output, until=until,
+                        running_for=_duration(running_for, "--running-for") or 30.0,
+                        timeout=limit)
+        result = validate_image(vmx, presenter, boot_test=not no_boot, spec=spec, logs=logs)
     except VmbuildError as exc:
         _fail(exc, presenter)
     payload: dict[str, Any] = {"vmx": str(vmx), "ok": True}
-    if result is not None:
-        payload.update(status=result.status, seconds=round(result.seconds, 1))
-    presenter.result(payload, f"{vmx}: ok" + ("" if result is None else
-                                             f" (job exited {result.status}, powered off "
-                                             f"after {result.seconds:.0f}s)"))
+    if result is None:
+        presenter.result(payload, f"{vmx}: ok (lint only)")
+        return
+    payload["validation"] = result_data(result, spec)
+    payload.update(status=result.status, seconds=round(result.seconds, 1))
+    presenter.result(payload, f"{vmx}: ok ({_proof(payload['validation'])})")
+
+
+@app.command()
+def shell(
+    vmx: Annotated[Path, typer.Argument(help="The image's .vmx file.")],
+) -> None:
+    """Boot the image with a root shell on its console instead of the job (the job does not
+    run), to look at what the image holds. It runs on a throwaway layer: the image is never
+    changed. `exit` in the shell powers the VM off; Ctrl-A X stops QEMU at once."""
+    import tempfile
+
+    from vmbuild.runner.core import RunnerError, RunOptions, run_backend
+    from vmbuild.runner.qemu import QemuBackend
+
+    if not vmx.is_file():
+        _fail(UsageError(f"{vmx}: no such file"))
+    if not sys.stdin.isatty():
+        print("vmbuild shell: stdin is not a terminal; the shell will read it as typed input",
+              file=sys.stderr)
+    print(f"vmbuild shell: booting {vmx.name} with a root shell on its console (about 20 s "
+          "under TCG); the job does not run; `exit` powers the VM off", file=sys.stderr,
+          flush=True)
+    with tempfile.TemporaryDirectory(prefix="vmbuild-shell-") as tmp:
+        options = RunOptions(vmx=vmx.resolve(), workdir=Path(tmp) / "run", shell=True,
+                             quiet=True, start_timeout=None, checkpoint_signals=[])
+        try:
+            code = run_backend(QemuBackend, options)
+        except RunnerError as exc:
+            _fail(UsageError(str(exc)))
+    raise typer.Exit(0 if code in (0, 92) else code)
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
@@ -237,7 +341,7 @@ def version() -> None:
 register_schedulers(app)
 
 _COMMANDS = {"build", "check", "schema", "validate", "version", "run", "runner-bundle",
-             "submit", "probe", "init"}
+             "submit", "probe", "shell", "init"}
 
 
 def main() -> None:

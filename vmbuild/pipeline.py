@@ -7,6 +7,7 @@ cancelled build leaves the previous image, if any, untouched and nothing half-wr
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -27,7 +28,7 @@ from vmbuild.stages.artifact import render_vmx
 from vmbuild.stages.base import BaseImage, ensure_base
 from vmbuild.stages.packer import PackerJob, PackerRun, packer_version, write_template
 from vmbuild.stages.playbook import write_playbook
-from vmbuild.stages.validate import DEFAULT_BOOT_TIMEOUT, validate_image
+from vmbuild.stages.validate import BootSpec, result_data, validate_image
 from vmbuild.tools import run_tool
 
 MANIFEST = "manifest.json"
@@ -39,7 +40,7 @@ BUILD_MEMORY_MIB = 1024  # the build boot gets at least this much: apt and Ansib
 class BuildOptions:
     output_dir: Path
     validate: bool = True
-    boot_timeout: float = DEFAULT_BOOT_TIMEOUT
+    boot_timeout: float | None = None  # overrides the recipe's validate.timeout
     refresh_base: bool = False
     cache: Path | None = None
     keep_work: bool = False
@@ -55,6 +56,7 @@ class BuildResult:
     seconds: float
     validated: bool
     job_output: str = ""
+    validation: dict[str, Any] = field(default_factory=dict)  # which mode proved it, how
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -130,12 +132,19 @@ def build_image(recipe: Recipe, options: BuildOptions, report: Reporter) -> Buil
         timings["artifact"] = time.monotonic() - t
         vmx = staged / f"{recipe.name}.vmx"
         job_output = ""
+        validation: dict[str, Any] = {}
         if options.validate:
             t = time.monotonic()
-            result = validate_image(vmx, report, timeout=options.boot_timeout)
+            spec = BootSpec.from_recipe(recipe.validate)
+            if options.boot_timeout is not None:
+                spec = dataclasses.replace(spec, timeout=options.boot_timeout)
+            result = validate_image(vmx, report, spec=spec)
             timings["validate"] = time.monotonic() - t
-            job_output = result.job_output if result else ""
+            if result is not None:
+                job_output = result.job_output
+                validation = result_data(result, spec)
         manifest["validated"] = options.validate
+        manifest["validation"] = validation
         manifest["timings"] = {k: round(v, 1) for k, v in timings.items()}
         (staged / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         publish(staged, out)
@@ -147,7 +156,7 @@ def build_image(recipe: Recipe, options: BuildOptions, report: Reporter) -> Buil
             shutil.rmtree(work, ignore_errors=True)
     return BuildResult(out, out / f"{recipe.name}.vmx", out / f"{recipe.name}.vmdk", manifest,
                        base.cached, time.monotonic() - started, options.validate, job_output,
-                       timings)
+                       validation, timings)
 
 
 def _app_stage(recipe: Recipe, base: BaseImage, work: Path,

@@ -69,6 +69,34 @@ exit status:
 """
 
 
+#: Why a VM stopped, as a backend saw it (QEMU: QMP SHUTDOWN reason, GUEST_PANICKED, its
+#: exit status); the words are what the runner and the validation boot print.
+STOP_REASONS = {
+    "poweroff": "the guest powered itself off",
+    "reboot": "the guest rebooted (a reboot ends the VM: it runs with -no-reboot)",
+    "panic": "the guest kernel panicked",
+    "crash": "the hypervisor crashed",
+    "host": "the host stopped the VM",
+    "start": "the VM failed to start",
+}
+
+
+@dataclass
+class RunOutcome:
+    """How a run ended, for callers that need more than the exit status (validation)."""
+
+    status: int
+    stop_reason: str | None = None  # a STOP_REASONS key, when the VM stopped by itself
+    stop_detail: str = ""  # e.g. QEMU's exit status and last words
+    ran_for: float | None = None  # seconds the job ran before a run_for shutdown
+    clean_shutdown: bool | None = None  # the guest obeyed the ACPI power button in time
+    timed_out: str | None = None  # "job" (the image's job.timeout), "run" (--timeout), "start"
+
+    def describe(self) -> str:
+        reason = STOP_REASONS.get(self.stop_reason or "", "the VM stopped")
+        return reason + (f" ({self.stop_detail})" if self.stop_detail else "")
+
+
 class RunnerError(Exception):
     """A failure that ends the run with ``exit_code`` and a one-line message."""
 
@@ -136,6 +164,18 @@ class RunOptions:
     quiet: bool = False
     keep_base: bool = False  # keep the converted image disk in the work dir after leaving
     exit_after_checkpoint: bool = False  # periodic checkpoints end the run (HTCondor style)
+    # One boot only (validation, `vmbuild shell`): never part of the image.
+    command: list[str] | None = None  # replaces the image's job command
+    shell: bool = False  # a root shell on the console instead of the job
+    console: bool = False  # show the guest's console (COM1) live on stderr
+    # Long jobs are proven by starting, not by finishing: once the job has run this long,
+    # the VM is shut down (ACPI power button, then a bounded wait) and the run ends.
+    run_for: float | None = None
+    shutdown_grace: float = 60.0
+
+    @property
+    def wants_input_disk(self) -> bool:
+        return bool(self.inputs or self.args or self.env or self.command or self.shell)
 
 
 @dataclass
@@ -376,6 +416,8 @@ class Backend:
         self.checkpointed = False  # a checkpoint was published by this run
         self.elapsed_before = 0.0  # run time of the job before this run (from a checkpoint)
         self.vm_error: str | None = None  # the hypervisor failed (not a guest power-off)
+        self.stop_reason: str | None = None  # a STOP_REASONS key, once the VM is gone
+        self.outcome: RunOutcome | None = None  # set by drive() when the run ends
 
     async def start(self) -> None:
         """Boot or resume the VM; return when it runs. RunnerError(90) when it cannot."""
@@ -394,6 +436,12 @@ class Backend:
     async def poweroff(self) -> None:
         """Stop the VM now, without saving."""
         raise NotImplementedError
+
+    async def shutdown(self, grace: float) -> bool:
+        """Ask the guest to shut down (ACPI power button); after ``grace`` seconds, power it
+        off. True when the guest went by itself."""
+        await self.poweroff()
+        return False
 
     async def finish(self, status: int) -> None:
         """The job ended and the VM is gone: collect outputs, retire the checkpoint."""
@@ -436,13 +484,39 @@ def _usage_reporter(backend: Backend) -> Any:
     return reporter.start()
 
 
-def log(message: str) -> None:
+def _stderr_log(message: str) -> None:
     print(f"vmbuild-run: {message}", file=sys.stderr, flush=True)
+
+
+_log_sink: Callable[[str], None] = _stderr_log
+
+
+def log(message: str) -> None:
+    """The runner's messages: stderr for ``vmbuild run``, progress events for a validation."""
+    _log_sink(message)
+
+
+def set_log_sink(sink: Callable[[str], None]) -> Callable[[str], None]:
+    """Send the runner's messages to ``sink``; returns the previous sink, to restore."""
+    global _log_sink
+    previous, _log_sink = _log_sink, sink
+    return previous
 
 
 async def drive(backend: Backend, options: RunOptions,
                 install_signals: bool = True) -> int:
-    """Run the VM to the end of the job, a checkpoint-and-exit, a timeout or a failure."""
+    """Run the VM to the end of the job, a checkpoint-and-exit, a timeout or a failure.
+
+    The exit status is returned; how the run ended in more detail is left in
+    ``backend.outcome``."""
+    status = await _drive(backend, options, install_signals)
+    if backend.outcome is None:
+        backend.outcome = RunOutcome(status, backend.stop_reason)
+    backend.outcome.status = status
+    return status
+
+
+async def _drive(backend: Backend, options: RunOptions, install_signals: bool) -> int:
     loop = asyncio.get_running_loop()
     plan = signal_plan(options.checkpoint_signals)
     requests: asyncio.Queue[signal.Signals] = asyncio.Queue()
@@ -456,9 +530,11 @@ async def drive(backend: Backend, options: RunOptions,
             await backend.start()
         except RunnerError as exc:
             log(str(exc))
+            backend.outcome = RunOutcome(exc.exit_code, "start", stop_detail=str(exc))
             return exc.exit_code
         except Exception as exc:
             log(f"the VM failed to start: {exc!r}")
+            backend.outcome = RunOutcome(EXIT_VM_START_FAILED, "start", stop_detail=repr(exc))
             return EXIT_VM_START_FAILED
         reporter = _usage_reporter(backend)
         # A signal that arrived while the VM was starting is handled now, below.
@@ -470,20 +546,27 @@ async def drive(backend: Backend, options: RunOptions,
         start_deadline = None
         if options.start_timeout is not None and not backend.streams.started.is_set():
             start_deadline = loop.time() + options.start_timeout
+        started_at: float | None = None
+        run_deadline: float | None = None
         while True:
-            if start_deadline is not None and backend.streams.started.is_set():
+            if backend.streams.started.is_set():
                 start_deadline = None
-            waits: list[float] = [t for t in (deadline, next_periodic, start_deadline)
-                                  if t is not None]
+                if started_at is None:
+                    started_at = loop.time()
+                    if options.run_for is not None:
+                        run_deadline = started_at + options.run_for
+            waits: list[float] = [t for t in (deadline, next_periodic, start_deadline,
+                                              run_deadline) if t is not None]
             timeout = max(0.0, min(waits) - loop.time()) if waits else None
             get_sig = asyncio.ensure_future(requests.get())
             gone = asyncio.ensure_future(backend.exited.wait())
-            done, _ = await asyncio.wait({get_sig, gone}, timeout=timeout,
+            started = asyncio.ensure_future(backend.streams.started.wait())
+            waiting = {get_sig, gone} if started_at is not None else {get_sig, gone, started}
+            done, _ = await asyncio.wait(waiting, timeout=timeout,
                                          return_when=asyncio.FIRST_COMPLETED)
-            if get_sig not in done:
-                get_sig.cancel()
-            if gone not in done:
-                gone.cancel()
+            for future in (get_sig, gone, started):
+                if future not in done:
+                    future.cancel()
             if backend.exited.is_set():
                 break
             now = loop.time()
@@ -518,15 +601,35 @@ async def drive(backend: Backend, options: RunOptions,
                     paused = False
                     log("VM resumed")
                 continue
+            if started in done:
+                continue  # the job started: its run_for deadline is set at the loop's top
             if start_deadline is not None and now >= start_deadline and not paused:
                 log(f"the job did not start within {options.start_timeout:g}s of boot; "
                     "stopping the VM (see console.log)")
                 await backend.poweroff()
+                backend.outcome = RunOutcome(EXIT_VM_START_FAILED, backend.stop_reason,
+                                             timed_out="start")
                 return EXIT_VM_START_FAILED
             if deadline is not None and now >= deadline:
                 log(f"the job did not finish within {options.timeout:g}s; stopping the VM")
                 await backend.poweroff()
+                backend.outcome = RunOutcome(EXIT_JOB_TIMEOUT, backend.stop_reason,
+                                             timed_out="run")
                 return EXIT_JOB_TIMEOUT
+            if run_deadline is not None and now >= run_deadline and not paused \
+                    and not backend.streams.finished.is_set():
+                assert started_at is not None
+                ran = now - started_at
+                log(f"the job has run for {ran:.0f}s; shutting the VM down "
+                    "(ACPI power button)")
+                clean = await backend.shutdown(options.shutdown_grace)
+                log("the guest powered off" if clean else
+                    f"the guest did not power off within {options.shutdown_grace:g}s of the "
+                    "power button; the VM was stopped")
+                backend.outcome = RunOutcome(0, backend.stop_reason, ran_for=ran,
+                                             clean_shutdown=clean)
+                await backend.finish(0)
+                return 0
             if next_periodic is not None and now >= next_periodic:
                 assert periodic is not None
                 if not paused and not backend.streams.finished.is_set():
@@ -544,13 +647,17 @@ async def drive(backend: Backend, options: RunOptions,
                 next_periodic = loop.time() + periodic
         report = backend.streams.report
         status = job_exit_status(report)
+        outcome = RunOutcome(status, backend.stop_reason,
+                             timed_out="job" if report.timed_out else None)
         if report.finished is None:
             if backend.vm_error and not report.started:
                 log(f"the VM failed to start: {backend.vm_error}")
                 status = EXIT_VM_START_FAILED
+                outcome = RunOutcome(status, "start", stop_detail=backend.vm_error)
             else:
-                log("the VM stopped without reporting a job status"
-                    + (f" ({backend.vm_error})" if backend.vm_error else ""))
+                outcome.stop_detail = backend.vm_error or ""
+                log(f"the VM stopped without reporting a job status: {outcome.describe()}")
+        backend.outcome = outcome
         await backend.finish(status)
         return status
     finally:

@@ -71,9 +71,14 @@ def to_qcow2(raw: Path, target: Path) -> None:
 
 
 def make_input_disk(target: Path, inputs: Sequence[Path], args: Sequence[str],
-                    env: dict[str, str]) -> None:
+                    env: dict[str, str], *, command: Sequence[str] | None = None,
+                    shell: bool = False) -> None:
     """A qcow2 at ``target`` holding an ext4 labelled VMBINPUT with the inputs at its top
-    (each under its own base name) and ``vmbuild-input.json`` when args/env are given."""
+    (each under its own base name) and ``vmbuild-input.json`` when args/env are given.
+
+    ``command`` replaces the image's job command and ``shell`` asks for a root shell on the
+    console instead of the job: both exist for one boot only (a validation boot, ``vmbuild
+    shell``), which is why they travel here and are never baked into the image."""
     with tempfile.TemporaryDirectory(prefix=".stage-input-", dir=target.parent) as tmp:
         stage = Path(tmp) / "root"
         stage.mkdir()
@@ -87,8 +92,12 @@ def make_input_disk(target: Path, inputs: Sequence[Path], args: Sequence[str],
                 shutil.copytree(item, dest, symlinks=True)
             else:
                 shutil.copy2(item, dest)
-        if args or env:
-            spec = {"args": list(args), "environment": dict(env)}
+        if args or env or command or shell:
+            spec: dict[str, object] = {"args": list(args), "environment": dict(env)}
+            if command:
+                spec["command"] = list(command)
+            if shell:
+                spec["shell"] = True
             (stage / INPUT_SPEC).write_text(json.dumps(spec, indent=1) + "\n")
         size = _tree_size(stage) * 5 // 4 + 16 * _MIB
         raw = Path(tmp) / "input.raw"

@@ -95,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="QEMU: keep the image's disk converted to qcow2 in the work directory "
                           "after a checkpoint or the end (faster local resume; by default it is "
                           "removed, so a scheduler moves only what the job wrote)")
+    run.add_argument("--console", action="store_true",
+                     help="QEMU: show the guest's console (kernel and boot messages) live on "
+                          "stderr, as well as in console.log")
     run.add_argument("--quiet", action="store_true",
                      help="do not copy the job's output to stdout (it is still in job.log)")
     bundle = sub.add_parser("bundle", help="write the runner as a single-file zipapp")
@@ -129,7 +132,7 @@ def options_from(ns: argparse.Namespace) -> RunOptions:
         output_size_mib=output_size, checkpoint_every=every, checkpoint_signals=signals,
         checkpoint_exit_code=ns.checkpoint_exit_code, timeout=timeout,
         start_timeout=start_timeout, accel=ns.accel,
-        vmware_type=ns.vmware_type, quiet=ns.quiet, keep_base=ns.keep_base,
+        vmware_type=ns.vmware_type, quiet=ns.quiet, keep_base=ns.keep_base, console=ns.console,
         exit_after_checkpoint=ns.exit_after_checkpoint)
 
 

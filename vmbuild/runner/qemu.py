@@ -36,6 +36,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,10 @@ QMP_TIMEOUT = 60.0
 START_TIMEOUT = 120.0
 MAX_LAYERS = 6  # frozen layers per disk before a resume merges them
 
+
+# QMP SHUTDOWN reasons -> STOP_REASONS keys (anything else is the host's doing).
+_SHUTDOWN_REASONS = {"guest-shutdown": "poweroff", "guest-reset": "reboot",
+                     "guest-panic": "panic", "host-error": "crash"}
 
 # Signals QEMU must not act on: a scheduler's soft kill (Slurm's requeue sends SIGTERM to
 # every process of the job) is for the runner, which saves the VM before QEMU may go.
@@ -218,9 +223,10 @@ class QemuBackend(Backend):
             self.chains["system"] = {"layers": [{"file": base, "base": True}],
                                      "size": virtual_size(wd.path / base)}
             opts = self.options
-            if opts.inputs or opts.args or opts.env:
+            if opts.wants_input_disk:
                 name = wd.unique("input", ".qcow2")
-                jobio.make_input_disk(wd.path / name, opts.inputs, opts.args, opts.env)
+                jobio.make_input_disk(wd.path / name, opts.inputs, opts.args, opts.env,
+                                      command=opts.command, shell=opts.shell)
                 self.chains["input"] = {"layers": [{"file": name}],
                                         "size": virtual_size(wd.path / name)}
             name = wd.unique("output", ".qcow2")
@@ -320,8 +326,16 @@ class QemuBackend(Backend):
             ours[name] = mine
             theirs.append(child.fileno())
             ours[name + "-child"] = child
-        serial = ["chardev:file,path=" + str(self.wd.path / "console.log").replace(",", ",,")
-                  + ",append=on",
+        console = "chardev:file,path=" + str(self.wd.path / "console.log").replace(",", ",,") \
+            + ",append=on"
+        if self.options.shell:  # the guest's root shell on the user's terminal
+            console = "chardev:stdio,signal=off,mux=on"  # Ctrl-A X quits
+        elif self.options.console:  # console.log and, live, the runner's stderr
+            mine, child = socket.socketpair()
+            ours["console"], ours["console-child"] = mine, child
+            theirs.append(child.fileno())
+            console = f"chardev:socket,fd={child.fileno()}"
+        serial = [console,
                   f"chardev:socket,fd={ours['job-child'].fileno()}",
                   f"chardev:socket,fd={ours['control-child'].fileno()}"]
         # A saved VM resumes on the accelerator it was saved on (TCG and KVM CPU state
@@ -337,6 +351,9 @@ class QemuBackend(Backend):
                 *blockdevs, *devices,
                 "-chardev", f"socket,id=qmp,fd={ours['qmp-child'].fileno()}",
                 "-mon", "chardev=qmp,mode=control",
+                # A reboot or a kernel panic ends the VM (and says which, in QMP's SHUTDOWN
+                # reason): a run-once job VM that reboots would run its job again.
+                "-device", "pvpanic", "-action", "panic=shutdown",
                 "-S", "-no-reboot"]
         if self.resumed:
             argv += ["-incoming", "defer"]
@@ -354,18 +371,22 @@ class QemuBackend(Backend):
         argv, child_fds, socks = self._argv()
         parent = os.getpid()
         try:
+            terminal = None if self.options.shell else subprocess.DEVNULL
             self.proc = await asyncio.create_subprocess_exec(
-                *argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                *argv, stdin=terminal, stdout=terminal,
                 stderr=open(self.wd.path / "qemu.log", "ab"),  # noqa: SIM115
                 pass_fds=child_fds, start_new_session=True,
                 preexec_fn=lambda: _die_with_parent(parent))
         except OSError as exc:
             raise RunnerError(f"cannot start QEMU: {exc}") from exc
         finally:
-            for name in ("qmp-child", "job-child", "control-child"):
-                socks.pop(name).close()
+            for name in ("qmp-child", "job-child", "control-child", "console-child"):
+                if name in socks:
+                    socks.pop(name).close()
         self.pumps = [asyncio.create_task(self._pump(socks["job"], self.streams.job_output)),
                       asyncio.create_task(self._pump(socks["control"], self.streams.control))]
+        if "console" in socks:
+            self.pumps.append(asyncio.create_task(self._pump(socks["console"], self._console)))
         self.watcher = asyncio.create_task(self._watch_process())
         self.tasks += [*self.pumps, self.watcher]
         qmp = QMPClient("vmbuild-run")
@@ -407,7 +428,13 @@ class QemuBackend(Backend):
         with contextlib.suppress(Exception):
             async for event in self.qmp.events:
                 data: dict[str, Any] = dict(event)
-                if data["event"] == "MIGRATION":
+                kind = data["event"]
+                if kind == "GUEST_PANICKED":
+                    self.stop_reason = "panic"
+                elif kind == "SHUTDOWN" and self.stop_reason is None:
+                    self.stop_reason = _SHUTDOWN_REASONS.get(
+                        str(data.get("data", {}).get("reason", "")), "host")
+                if kind == "MIGRATION":
                     status = str(data["data"]["status"])
                     if status in ("completed", "failed", "cancelled") and \
                             self.migration is not None and not self.migration.done():
@@ -435,6 +462,14 @@ class QemuBackend(Backend):
         finally:
             writer.close()
 
+    def _console(self, data: bytes) -> None:
+        """``--console``: the guest's console to console.log and, as it comes, to stderr."""
+        with open(self.wd.path / "console.log", "ab") as f:
+            f.write(data)
+        with contextlib.suppress(OSError, ValueError):
+            sys.stderr.buffer.write(data)
+            sys.stderr.buffer.flush()
+
     def _qemu_log_tail(self) -> str:
         try:
             lines = (self.wd.path / "qemu.log").read_text(errors="replace").splitlines()
@@ -446,7 +481,10 @@ class QemuBackend(Backend):
         assert self.proc is not None
         rc = await self.proc.wait()
         if rc != 0 and not self.quitting:
-            self.vm_error = f"QEMU exited with status {rc}{self._qemu_log_tail()}"
+            how = f"killed by {signal.Signals(-rc).name}" if rc < 0 else f"exit status {rc}"
+            self.vm_error = f"QEMU {how}{self._qemu_log_tail()}"
+            if self.stop_reason in (None, "host"):
+                self.stop_reason = "crash"
         # Let the serial pumps drain what QEMU wrote before it went.
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.gather(*self.pumps, return_exceptions=True), 5)
@@ -553,6 +591,18 @@ class QemuBackend(Backend):
 
     async def poweroff(self) -> None:
         await self._quit()
+
+    async def shutdown(self, grace: float) -> bool:
+        try:
+            await self._cmd("system_powerdown")
+        except RunnerError:
+            return self.exited.is_set()
+        try:
+            await asyncio.wait_for(self.exited.wait(), grace)
+            return True
+        except TimeoutError:
+            await self._quit()
+            return False
 
     async def finish(self, status: int) -> None:
         disk = self.wd.path / self.tops["output"] if "output" in self.tops else None

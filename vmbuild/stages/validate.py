@@ -1,45 +1,88 @@
 """Prove an image before it ships: lint the .vmx/.vmdk, then boot it and watch the job run.
 
-The boot uses QEMU with the devices the .vmx declares (pvscsi, vmxnet3, AHCI and NVMe are all
-emulated), on a throwaway qcow2 layer so the image itself is never written. It passes only
-when the job service reported its start and its exit status over the control port and the VM
-then powered itself off within the bound.
+The boot is a real run of the image by the runner's QEMU backend (the same code that runs it
+on an execute node), on a throwaway work directory: the image is never written. What the
+boot runs and expects comes from the recipe's ``validate:`` section or from ``vmbuild
+validate``'s options, and reaches the guest only through the input disk, exactly as ``vmbuild
+run --input/--arg/--env`` would send it, so nothing of it is baked into the image.
+
+Two modes. ``until: exit`` (default): the job must report its start and the expected exit
+status, and the VM must then power itself off. ``until: started``, for jobs that run for
+hours: the job must start and keep running for ``running_for``; then the runner presses the
+ACPI power button and, after a bounded wait, stops the VM. Either way a failure says why:
+the job's status, a guest that rebooted or panicked, a timeout, or QEMU itself crashing.
 """
 
 from __future__ import annotations
 
-import codecs
-import subprocess
+import asyncio
+import contextlib
+import re
+import shutil
 import tempfile
 import time
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from vmbuild.errors import UsageError, ValidationError
 from vmbuild.events import Event, Reporter, Stage
+from vmbuild.runner import core
 from vmbuild.runner.accel import best_accelerator, qemu_binary
-from vmbuild.runner.contract import (
-    CONSOLE_LOG,
-    CONTROL_LOG,
-    JOB_LOG,
-    JobOutputFilter,
-    parse_control,
-)
-from vmbuild.runner.qemu_devices import qemu_argv
-from vmbuild.runner.vmx import load_vmx, vmx_info
+from vmbuild.runner.contract import CONSOLE_LOG, parse_control
 from vmbuild.stages.artifact import lint_vmx
 
-DEFAULT_BOOT_TIMEOUT = 600.0  # TCG boots take ~30 s; the job's own time comes on top
+DEFAULT_BOOT_TIMEOUT = 600.0  # TCG boots take ~20 s; the job's own time comes on top
+SHUTDOWN_GRACE = 60.0  # after the ACPI power button, before the VM is stopped
+PANIC_TEXT = "Kernel panic - not syncing"
+
+
+@dataclass(frozen=True)
+class BootSpec:
+    """What a boot test runs and expects: the recipe's ``validate:`` or the CLI's options."""
+
+    command: tuple[str, ...] | None = None  # None: the image's job command
+    inputs: tuple[Path, ...] = ()
+    environment: Mapping[str, str] = field(default_factory=dict)
+    expect_exit: int = 0
+    expect_output: str | None = None  # a regex that must match one line of job output
+    until: str = "exit"  # exit | started
+    running_for: float = 30.0
+    timeout: float = DEFAULT_BOOT_TIMEOUT
+
+    @classmethod
+    def from_recipe(cls, validate: Any) -> BootSpec:
+        """From a recipe's ``validate`` section (vmbuild.recipe.model.Validate)."""
+        return cls(command=validate.command, inputs=tuple(validate.inputs),
+                   environment=dict(validate.environment), expect_exit=validate.expect.exit,
+                   expect_output=validate.expect.output, until=validate.until,
+                   running_for=validate.running_for, timeout=validate.timeout)
+
+    @property
+    def mode(self) -> str:
+        if self.until == "started":
+            return f"started and kept running for {self.running_for:g}s"
+        return f"ran to completion with exit status {self.expect_exit}"
 
 
 @dataclass
 class BootResult:
-    status: int | None
-    powered_off: bool
+    status: int | None  # the job's exit status, when it reported one
+    outcome: core.RunOutcome
     seconds: float
     job_output: str
     console_tail: str
     control: list[dict[str, object]] = field(default_factory=list)
+    outputs: list[str] = field(default_factory=list)  # files the job returned
+
+    @property
+    def started(self) -> bool:
+        return any(e.get("event") == "started" for e in self.control)
+
+    @property
+    def finished(self) -> bool:
+        return any(e.get("event") in ("exited", "timeout") for e in self.control)
 
 
 def lint(vmx: Path) -> list[str]:
@@ -48,101 +91,195 @@ def lint(vmx: Path) -> list[str]:
     return lint_vmx(vmx)
 
 
-def boot(vmx: Path, report: Reporter, *, timeout: float = DEFAULT_BOOT_TIMEOUT,
+class _LineSink:
+    """The job's output as ``validate`` output events, one per line (a file-like sink for
+    the runner's JobStreams)."""
+
+    def __init__(self, report: Reporter) -> None:
+        self.report = report
+        self.text = ""
+        self._pending = b""
+
+    def write(self, data: bytes) -> None:
+        *lines, self._pending = (self._pending + data).split(b"\n")
+        for raw in lines:
+            line = raw.decode("utf-8", "replace").rstrip("\r")
+            self.text += line + "\n"
+            self.report(Event("validate", "output", line))
+
+    def flush(self) -> None:
+        """Nothing is buffered but an unfinished line, which waits for its newline."""
+
+    def close(self) -> None:
+        if self._pending:
+            line = self._pending.decode("utf-8", "replace").rstrip("\r")
+            self.text += line
+            self.report(Event("validate", "output", line))
+            self._pending = b""
+
+
+@contextlib.contextmanager
+def _runner_log(report: Reporter) -> Iterator[None]:
+    """The runner's own messages become validate steps (not stray lines on stderr)."""
+    previous = core.set_log_sink(lambda message: report(Event("validate", "step", message)))
+    try:
+        yield
+    finally:
+        core.set_log_sink(previous)
+
+
+def boot(vmx: Path, report: Reporter, spec: BootSpec,
          keep_logs: Path | None = None) -> BootResult:
-    """Boot the image once on a throwaway layer and collect what the guest contract reports."""
-    binary = qemu_binary()
-    if binary is None:
+    """Run the image once with the runner's QEMU backend on a throwaway work directory."""
+    if qemu_binary() is None:
         raise UsageError("qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)")
-    info = vmx_info(load_vmx(vmx))
+    for item in spec.inputs:
+        if not item.exists():
+            raise UsageError(f"validation input {item}: no such file or directory")
+    from vmbuild.runner.qemu import QemuBackend  # needs qemu.qmp; only a boot does
+
     with tempfile.TemporaryDirectory(prefix="vmbuild-validate-") as tmp:
-        work = Path(tmp) if keep_logs is None else keep_logs
+        work = Path(tmp) / "run" if keep_logs is None else keep_logs
         work.mkdir(parents=True, exist_ok=True)
-        overrides: dict[str, str | tuple[str, str]] = {}
-        for index, disk in enumerate(info.disks):
-            source = (vmx.parent / disk.file_name).resolve()
-            layer = work / f"layer{index}.qcow2"
-            subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "vmdk", "-b",
-                            str(source), str(layer)], check=True, capture_output=True)
-            overrides[disk.file_name] = (str(layer), "qcow2")
-        logs = [work / CONSOLE_LOG, work / JOB_LOG, work / CONTROL_LOG]
-        for log in logs:
-            log.write_bytes(b"")
-        argv = [binary, *qemu_argv(info, vmx.parent, disk_override=overrides,
-                                   serial_paths=[str(p) for p in logs],
-                                   accel=best_accelerator()), "-no-reboot"]
-        return _watch(argv, logs, report, timeout)
+        options = core.RunOptions(
+            vmx=vmx.resolve(), workdir=work.resolve(), inputs=list(spec.inputs),
+            env=dict(spec.environment), output_dir=Path(tmp) / "outputs",
+            command=list(spec.command) if spec.command else None,
+            timeout=spec.timeout, start_timeout=spec.timeout, quiet=False,
+            run_for=spec.running_for if spec.until == "started" else None,
+            shutdown_grace=SHUTDOWN_GRACE, checkpoint_signals=[])
+        sink = _LineSink(report)
+        started = time.monotonic()
 
-
-def _watch(argv: list[str], logs: list[Path], report: Reporter, timeout: float) -> BootResult:
-    console, job, control = logs
-    qemu_log = console.with_name("qemu.log")  # a file, not a pipe nobody reads until the end
-    started = time.monotonic()
-    output = JobOutputFilter()
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    job_output = ""
-    pending_line = ""
-    powered_off = False
-    with qemu_log.open("wb") as qemu_out, job.open("rb") as job_in, \
-            subprocess.Popen(argv, stdout=qemu_out, stderr=subprocess.STDOUT) as proc:
-        while True:
+        async def run() -> core.RunOutcome:
+            core.check_workdir(options.workdir, options.vmx)
+            streams = core.JobStreams(options.workdir, stdout=sink)
             try:
-                proc.wait(timeout=0.5)
-                powered_off = True
-            except subprocess.TimeoutExpired:
-                pass
-            fresh = decoder.decode(output.feed(job_in.read()))  # only what is new
-            if fresh:
-                job_output += fresh
-                *lines, pending_line = (pending_line + fresh).split("\n")
-                for line in lines:
-                    report(Event("validate", "output", line.rstrip("\r")))
-            if powered_off:
-                break
-            if time.monotonic() - started > timeout:
-                proc.kill()
-                proc.wait()
-                break
-    qemu_said = qemu_log.read_text(errors="replace")
-    if pending_line:
-        report(Event("validate", "output", pending_line))
-    seconds = time.monotonic() - started
-    result = parse_control(control.read_text(errors="replace"))
-    tail = console.read_text(errors="replace")[-3000:]
-    if powered_off and proc.returncode != 0:
-        tail += "\nQEMU: " + qemu_said.strip()
-    return BootResult(result.status, powered_off, seconds, job_output, tail, result.events)
+                backend = QemuBackend(options, streams)
+                await core.drive(backend, options, install_signals=False)
+                assert backend.outcome is not None
+                return backend.outcome
+            finally:
+                streams.close()
+
+        with _runner_log(report):
+            try:
+                outcome = asyncio.run(run())
+            except core.RunnerError as exc:
+                raise ValidationError(f"{vmx}: the boot test could not run: {exc}") from exc
+        sink.close()
+        seconds = time.monotonic() - started
+        control = core.read_json(work / core.RESULT, "run result") or {}
+        events = [e for e in control.get("events", []) if isinstance(e, dict)]
+        if not events:  # the run ended before finish() wrote its result
+            events = parse_control((work / "control.log").read_text(errors="replace")).events
+        outputs_dir = Path(tmp) / "outputs"
+        outputs = sorted(str(p.relative_to(outputs_dir)) for p in outputs_dir.rglob("*")
+                         if p.is_file()) if outputs_dir.is_dir() else []
+        try:
+            tail = (work / CONSOLE_LOG).read_text(errors="replace")[-4000:]
+        except OSError:
+            tail = ""
+        status = next((e.get("status") for e in reversed(events)
+                       if e.get("event") in ("exited", "timeout")), None)
+        if keep_logs is None:
+            shutil.rmtree(work, ignore_errors=True)
+        return BootResult(status if isinstance(status, int) else None, outcome, seconds,
+                          sink.text, tail, events, outputs)
+
+
+def failure_reasons(result: BootResult, spec: BootSpec) -> list[str]:
+    """Why the boot test failed, one cause each, most telling first (empty: it passed)."""
+    outcome = result.outcome
+    panicked = outcome.stop_reason == "panic" or PANIC_TEXT in result.console_tail
+    if outcome.timed_out in ("run", "start"):
+        if panicked:
+            return ["the guest kernel panicked (seen on the console); the VM hung until the "
+                    f"boot test's timeout ({spec.timeout:g}s)"]
+        if not result.started:
+            return [f"the job did not start within the boot test's timeout ({spec.timeout:g}s)"]
+        if result.finished:
+            return [f"the job exited {result.status} but the VM did not power itself off "
+                    f"within the boot test's timeout ({spec.timeout:g}s)"]
+        hint = "" if spec.until == "started" else \
+            " (a long job can be validated with validate.until: started)"
+        return [f"the job was still running at the boot test's timeout ({spec.timeout:g}s)"
+                + hint]
+    if outcome.timed_out == "job":
+        return ["the job exceeded its own job.timeout and was killed by the job wrapper"]
+    if not result.started:
+        return [f"the job service never reported that it started: {outcome.describe()}"]
+    if outcome.ran_for is not None:  # until: started, and it kept running: that is the proof
+        return _output_reasons(result, spec)
+    if not result.finished:
+        return [f"the job started but never reported an exit status: {outcome.describe()}"]
+    reasons = []
+    if result.status != spec.expect_exit:
+        reasons.append(f"the job exited with status {result.status} "
+                       f"(expected {spec.expect_exit})")
+    if outcome.stop_reason not in (None, "poweroff"):
+        reasons.append(f"after the job: {outcome.describe()}")
+    return reasons + _output_reasons(result, spec)
+
+
+def _output_reasons(result: BootResult, spec: BootSpec) -> list[str]:
+    if spec.expect_output is None:
+        return []
+    pattern = re.compile(spec.expect_output)
+    if any(pattern.search(line) for line in result.job_output.splitlines()):
+        return []
+    return [f"no line of the job's output matched {spec.expect_output!r}"]
 
 
 def validate_image(vmx: Path, report: Reporter, *, boot_test: bool = True,
-                   timeout: float = DEFAULT_BOOT_TIMEOUT, expect_status: int = 0,
-                   logs: Path | None = None) -> BootResult | None:
+                   spec: BootSpec | None = None, logs: Path | None = None) -> BootResult | None:
     """Lint, then boot; raise ValidationError with every reason found."""
+    spec = spec or BootSpec()
     with Stage(report, "validate", f"linting {vmx.name}"):
         problems = lint(vmx)
     if problems:
         raise ValidationError(f"{vmx}: the image failed its lint:\n  - " + "\n  - ".join(problems))
     if not boot_test:
         return None
-    with Stage(report, "validate", f"boot test of {vmx.name} (QEMU, {best_accelerator()})"):
-        result = boot(vmx, report, timeout=timeout, keep_logs=logs)
-        reasons = []
-        started = any(e.get("event") == "started" for e in result.control)
-        if not started:
-            reasons.append("the job service never reported that it started")
-        elif result.status is None:
-            reasons.append("the job started but never reported an exit status")
-        elif result.status != expect_status:
-            reasons.append(f"the job exited with status {result.status} "
-                           f"(expected {expect_status})")
-        if not result.powered_off:
-            reasons.append(f"the VM did not power itself off within {timeout:.0f}s")
+    what = f"boot test of {vmx.name} (QEMU, {best_accelerator()}; until {spec.until})"
+    with Stage(report, "validate", what):
+        result = boot(vmx, report, spec, keep_logs=logs)
+        reasons = failure_reasons(result, spec)
         if reasons:
             raise ValidationError(
                 f"{vmx}: the boot test failed: " + "; ".join(reasons)
                 + "\n  last console lines:\n    "
                 + "\n    ".join(result.console_tail.splitlines()[-15:]))
-        report(Event("validate", "step",
-                     f"job exited {result.status} and the VM powered off after "
-                     f"{result.seconds:.0f}s", {"seconds": round(result.seconds, 1)}))
+        report(Event("validate", "step", summary(result), result_data(result, spec)))
     return result
+
+
+def summary(result: BootResult) -> str:
+    outcome = result.outcome
+    if outcome.ran_for is not None:
+        how = "powered off cleanly" if outcome.clean_shutdown else \
+            "was stopped (it ignored the ACPI power button)"
+        return (f"the job started and was still running after {outcome.ran_for:.0f}s; "
+                f"the VM {how} after {result.seconds:.0f}s in all")
+    return f"job exited {result.status} and the VM powered off after {result.seconds:.0f}s"
+
+
+def result_data(result: BootResult, spec: BootSpec) -> dict[str, Any]:
+    """The proof, for manifests and ``--json``: which mode proved the image and how."""
+    data: dict[str, Any] = {"mode": spec.until, "seconds": round(result.seconds, 1),
+                            "status": result.status, "outputs": len(result.outputs)}
+    if result.outcome.ran_for is not None:
+        data["ran_for"] = round(result.outcome.ran_for, 1)
+        data["clean_shutdown"] = result.outcome.clean_shutdown
+    return data
+
+
+def parse_env(items: Sequence[str]) -> dict[str, str]:
+    """``KEY=VALUE`` options as a mapping (shared by the CLI's boot-test options)."""
+    env: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--env {item!r}: expected KEY=VALUE")
+        env[key] = value
+    return env
