@@ -107,12 +107,19 @@ def test_vacate_time_never_below_measured_or_floor(image: Path, tmp_path: Path) 
     assert suspend_seconds(4096, write_mib_s=100, overhead_s=0, margin=1, floor_s=0) == 41
 
 
+def _vmware_node(product: str = "workstation", max_hw: int = 21,
+                 x86: bool = True) -> dict[str, Any]:
+    """A machine ad as the probe writes it for a VMware host (see test_probe)."""
+    return {"VMBUILD_QEMU": False, "VMBUILD_VMWARE": x86, "VMBUILD_RUNNER_VERSION": "0.1.0",
+            "VMBUILD_VMWARE_PRODUCT": product, "VMBUILD_VMWARE_VERSION": "17.5.0",
+            "VMBUILD_VMWARE_MAX_HWVERSION": max_hw, "VMBUILD_VMWARE_X86": x86}
+
+
 def test_requirements_match_probed_machines(image: Path, tmp_path: Path) -> None:
     default = _submit(render_submit(image, SubmitOptions(), submit_dir=tmp_path))["requirements"]
     qemu_node = {"VMBUILD_QEMU": True, "VMBUILD_VMWARE": False, "VMBUILD_KVM": False,
                  "VMBUILD_RUNNER_VERSION": "0.1.0"}
-    vmware_node = {"VMBUILD_QEMU": False, "VMBUILD_VMWARE": True,
-                   "VMBUILD_RUNNER_VERSION": "0.1.0"}
+    vmware_node = _vmware_node()
     bare_node = {"VMBUILD_QEMU": False, "VMBUILD_VMWARE": False,
                  "VMBUILD_RUNNER_VERSION": "0.1.0"}
     unprobed: dict[str, Any] = {"Memory": 4096}
@@ -127,6 +134,73 @@ def test_requirements_match_probed_machines(image: Path, tmp_path: Path) -> None
     assert not _eval_requirements(kvm, {**qemu_node, "VMBUILD_KVM": True,
                                         "VMBUILD_RUNNER_VERSION": "0.0.9"})
     assert not _eval_requirements(kvm, vmware_node)
+
+
+@pytest.mark.parametrize("backend", ["vmware", None])
+def test_vmware_hosts_must_run_the_image_hardware_version(tmp_path: Path,
+                                                          backend: str | None) -> None:
+    """The image is hw 19 (make_image): Workstation 16.2 (19) and later match, 16.0 (18)
+    does not, nor does Fusion on Apple silicon, nor a probe too old to say its maximum."""
+    image = make_image(tmp_path / "image")
+    assert 'virtualHW.version = "19"' in image.read_text()
+    req = _submit(render_submit(image, SubmitOptions(backend=backend),
+                                submit_dir=tmp_path))["requirements"]
+    assert _eval_requirements(req, _vmware_node(max_hw=19))
+    assert _eval_requirements(req, _vmware_node(max_hw=21))
+    assert not _eval_requirements(req, _vmware_node(max_hw=18))
+    assert not _eval_requirements(req, _vmware_node("fusion", max_hw=21, x86=False))
+    # Fusion on Apple silicon with a probe that still said VMBUILD_VMWARE = true:
+    assert not _eval_requirements(req, {**_vmware_node("fusion", max_hw=21, x86=False),
+                                        "VMBUILD_VMWARE": True})
+    old_probe = {"VMBUILD_QEMU": False, "VMBUILD_VMWARE": True,
+                 "VMBUILD_RUNNER_VERSION": "0.1.0"}
+    assert not _eval_requirements(req, old_probe)
+    # QEMU runs any hardware version: a QEMU machine still matches the default backend.
+    qemu_node = {"VMBUILD_QEMU": True, "VMBUILD_VMWARE": False,
+                 "VMBUILD_RUNNER_VERSION": "0.1.0"}
+    assert _eval_requirements(req, qemu_node) == (backend is None)
+
+
+def test_requirements_follow_the_image_hardware_version(tmp_path: Path) -> None:
+    image = make_image(tmp_path / "image")
+    image.write_text(image.read_text().replace('virtualHW.version = "19"',
+                                               'virtualHW.version = "21"'))
+    req = _submit(render_submit(image, SubmitOptions(backend="vmware"),
+                                submit_dir=tmp_path))["requirements"]
+    assert "VMBUILD_VMWARE_MAX_HWVERSION >= 21" in req
+    assert not _eval_requirements(req, _vmware_node(max_hw=20))  # Workstation 17.0
+    assert _eval_requirements(req, _vmware_node(max_hw=21))      # Workstation 17.5
+
+
+def test_requirements_against_the_probe_own_lines(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The real probe, on a host with fake `vmware` and `vmrun`, writes a machine ad that the
+    submit file's requirements accept for a hw-19 image (Workstation 16.2.5 -> 19)."""
+    from vmbuild.runner import probe
+
+    for name, script in (
+        ("vmrun", "echo 'vmrun version 1.17.0 build-20800274'"),
+        ("vmware", "echo 'VMware Workstation 16.2.5 build-20904516'"),
+    ):
+        tool = tmp_path / "bin" / name
+        tool.parent.mkdir(exist_ok=True)
+        tool.write_text(f"#!/bin/sh\n{script}\n")
+        tool.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:/usr/bin:/bin")
+    monkeypatch.setattr(probe.platform, "machine", lambda: "x86_64")
+    ad = classad2.parseOne("\n".join(probe.probe_lines(check_kvm=False)))
+    assert ad["VMBUILD_VMWARE_MAX_HWVERSION"] == 19
+    image = make_image(tmp_path / "image")
+    req = _submit(render_submit(image, SubmitOptions(backend="vmware"),
+                                submit_dir=tmp_path))["requirements"]
+    ad["vmbuild_req"] = classad2.ExprTree(req.replace("TARGET.", ""))
+    assert ad.eval("vmbuild_req") is True
+    image.write_text(image.read_text().replace('virtualHW.version = "19"',
+                                               'virtualHW.version = "20"'))
+    req20 = _submit(render_submit(image, SubmitOptions(backend="vmware"),
+                                  submit_dir=tmp_path))["requirements"]
+    ad["vmbuild_req"] = classad2.ExprTree(req20.replace("TARGET.", ""))
+    assert ad.eval("vmbuild_req") is not True
 
 
 def test_queue_items_and_inputs(image: Path, tmp_path: Path) -> None:

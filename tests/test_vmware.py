@@ -679,3 +679,58 @@ def test_lint_stream_with_footer(tmp_path: Path) -> None:
     assert any("must end with a footer and the end-of-stream marker" in p for p in problems)
     vmdk.write_bytes(data[:-512] + b"\1" * 512)  # no end-of-stream marker
     assert any("end-of-stream" in p for p in lint_vmdk(vmdk, qemu_img=None))
+
+
+# --------------------------------------------------------------------------- guestOS lint
+
+
+@needs_qemu_img
+@pytest.mark.parametrize(("guest_os", "hw", "known"), [
+    ("debian12-64", 19, False), ("debian12-64", 20, True), ("debian12-64", 21, True),
+    ("debian11-64", 16, False), ("debian11-64", 17, True),
+    ("debian10-64", 12, False), ("debian10-64", 13, True),
+    ("other5xlinux-64", 17, False), ("other5xlinux-64", 18, True),
+    ("other4xlinux-64", 11, False), ("other4xlinux-64", 13, True),
+    ("otherlinux-64", 4, True),  # not in the table: not judged
+])
+def test_strict_lint_checks_guest_os_against_hardware_version(
+        image: Callable[..., Path], guest_os: str, hw: int, known: bool) -> None:
+    vmx = image(guest_os=guest_os, hardware_version=max(hw, 7))
+    mapping = load_vmx(vmx)
+    mapping["virtualhw.version"] = str(hw)
+    vmx.write_text(dump_vmx(mapping))
+    strict = [p for p in lint_vmx(vmx, strict_guest_os=True) if "guestOS" in p]
+    if known:
+        assert strict == []
+    else:
+        assert len(strict) == 1, strict
+        assert f"guestOS '{guest_os}' is known to VMware products of virtualHW.version" in \
+            strict[0]
+        assert f"the VM has version {hw}" in strict[0]
+    # Not strict: the same file passes (the recipe default, 19 with debian12-64, is one).
+    assert [p for p in lint_vmx(vmx) if "guestOS" in p] == []
+
+
+@needs_qemu_img
+def test_strict_lint_suggests_what_the_hardware_knows(image: Callable[..., Path]) -> None:
+    vmx = image()  # the recipe default: virtualHW.version 19, debian12-64
+    assert 'virtualHW.version = "19"' in vmx.read_text()
+    assert 'guestOS = "debian12-64"' in vmx.read_text()
+    assert lint_vmx(vmx) == []
+    (problem,) = lint_vmx(vmx, strict_guest_os=True)
+    assert "use virtualHW.version 20, or guestOS debian11-64" in problem
+    fixed = image(guest_os="debian11-64")
+    assert lint_vmx(fixed, strict_guest_os=True) == []
+
+
+@needs_qemu_img
+@pytest.mark.parametrize("spelling", ["debian12_64Guest", "other5xLinux64Guest", "debian12_64"])
+def test_lint_refuses_the_vsphere_api_spelling_of_guest_os(image: Callable[..., Path],
+                                                           spelling: str) -> None:
+    vmx = image()
+    mapping = load_vmx(vmx)
+    mapping["guestos"] = spelling
+    vmx.write_text(dump_vmx(mapping))
+    problems = lint_vmx(vmx)
+    assert len(problems) == 1, problems
+    assert f"guestOS {spelling!r} is spelt as the vSphere API spells guest ids" in problems[0]

@@ -102,7 +102,14 @@ def probe(
         "--no-kvm-check", help="Skip the bounded KVM boot test (VMBUILD_KVM = false).")
     ] = False,
 ) -> None:
-    """Print ClassAd lines saying whether this machine can run vmbuild VMs (STARTD_CRON)."""
+    """Print ClassAd lines saying whether this machine can run vmbuild VMs (STARTD_CRON).
+
+    Besides QEMU and KVM: the VMware product (VMBUILD_VMWARE_PRODUCT: workstation, player,
+    fusion or none), its version, the highest virtualHW.version it runs
+    (VMBUILD_VMWARE_MAX_HWVERSION) and whether it runs x86 guests (VMBUILD_VMWARE_X86; not
+    Fusion on Apple silicon). Submit files from `vmbuild submit` compare these with the
+    image's virtualHW.version.
+    """
     from vmbuild.runner.probe import condor_config_snippet, probe_lines
 
     if condor_config:

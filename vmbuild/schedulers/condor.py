@@ -20,6 +20,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from vmbuild import __version__
+from vmbuild.runner.vmx import VmxError, load_vmx, vmx_info
 from vmbuild.schedulers.image import ImageFacts, SchedulerError, image_facts
 from vmbuild.schedulers.options import CHECKPOINT_EXIT_CODE, SubmitOptions
 
@@ -60,14 +61,30 @@ def _relative(path: Path, submit_dir: Path) -> str:
     return os.path.relpath(target, base)
 
 
-def requirements_expr(options: SubmitOptions) -> str:
-    """Match only machines whose probe (STARTD_CRON) says they can run the VM."""
+def vmware_expr(hardware_version: int | None) -> str:
+    """A machine whose VMware can run this image: vmrun there, a product that runs x86 guests
+    (not Fusion on Apple silicon), and, when the image's ``virtualHW.version`` is known, a
+    product version that runs it (VMware refuses a VM newer than it knows). A machine whose
+    probe did not say its highest hardware version never matches such an image."""
+    terms = ["TARGET.VMBUILD_VMWARE =?= true", "TARGET.VMBUILD_VMWARE_X86 =?= true"]
+    if hardware_version is not None:
+        terms += ["TARGET.VMBUILD_VMWARE_MAX_HWVERSION =!= undefined",
+                  f"TARGET.VMBUILD_VMWARE_MAX_HWVERSION >= {int(hardware_version)}"]
+    return "(" + " && ".join(terms) + ")"
+
+
+def requirements_expr(options: SubmitOptions, hardware_version: int | None = None) -> str:
+    """Match only machines whose probe (STARTD_CRON) says they can run the VM.
+
+    ``hardware_version`` is the image's ``virtualHW.version``; it narrows the VMware side
+    (see :func:`vmware_expr`). QEMU runs any hardware version the ``.vmx`` may name.
+    """
     if options.backend == "qemu":
         hypervisor = "TARGET.VMBUILD_QEMU =?= true"
     elif options.backend == "vmware":
-        hypervisor = "TARGET.VMBUILD_VMWARE =?= true"
+        hypervisor = vmware_expr(hardware_version)
     elif options.backend in (None, "auto"):
-        hypervisor = "(TARGET.VMBUILD_QEMU =?= true || TARGET.VMBUILD_VMWARE =?= true)"
+        hypervisor = f"(TARGET.VMBUILD_QEMU =?= true || {vmware_expr(hardware_version)})"
     else:
         raise SchedulerError(f"backend {options.backend!r}: expected qemu or vmware")
     terms = [hypervisor]
@@ -195,8 +212,11 @@ def render_submit(vmx: str | Path, options: SubmitOptions | None = None, *,
     put("request_cpus", cpus, "Guest resources plus the hypervisor's overhead.")
     put("request_memory", f"{memory}M")
     put("request_disk", f"{disk}M")
-    put("requirements", requirements_expr(options),
-        "Machines whose vmbuild probe (STARTD_CRON) found a usable hypervisor.")
+    hardware_version = _hardware_version(facts.vmx)
+    put("requirements", requirements_expr(options, hardware_version),
+        "Machines whose vmbuild probe (STARTD_CRON) found a usable hypervisor"
+        + (f" (VMware: one that runs virtualHW.version {hardware_version} x86 guests)."
+           if hardware_version is not None and options.backend != "qemu" else "."))
     out.append("")
     put("+WantIOProxy", "true", "Lets the runner report the guest's load with condor_chirp.")
     put("log", f"{name}.$(Cluster).log")
@@ -217,6 +237,14 @@ def render_submit(vmx: str | Path, options: SubmitOptions | None = None, *,
     else:
         out.append(f"queue {options.queue}" if options.queue > 1 else "queue")
     return "\n".join(out) + "\n"
+
+
+def _hardware_version(vmx: Path) -> int | None:
+    """The image's ``virtualHW.version`` (None if the ``.vmx`` cannot say)."""
+    try:
+        return vmx_info(load_vmx(vmx)).hardware_version
+    except (OSError, VmxError):
+        return None
 
 
 def _size(path: Path) -> int:

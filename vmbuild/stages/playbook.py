@@ -25,6 +25,14 @@ GUEST_DIR = Path(__file__).parent.parent / "guest"
 GUEST_LIB = "/usr/local/lib/vmbuild"
 JOB_CONFIG = "/etc/vmbuild/job.json"
 PACKAGES_TASK = "vmbuild: list installed packages"
+VMWARE_TOOLS_PACKAGE = "open-vm-tools"
+# The app stage installs with the base's apt, which mmdebstrap left without package lists
+# (and which the seal empties again). No recommends: open-vm-tools recommends ethtool,
+# zerofree and fuse3, none of which a job VM's time sync, guest info or power operations
+# need. Retries as the base's mmdebstrap uses them: the build's mirror is over the network.
+_APT_INSTALL = ("export DEBIAN_FRONTEND=noninteractive; "
+                "apt-get -q -o Acquire::Retries=3 update && "
+                "apt-get -q -y -o Acquire::Retries=3 --no-install-recommends install {packages}")
 
 
 class Unsafe(str):
@@ -167,6 +175,24 @@ def _system_tasks(recipe: Recipe, overlay: Path) -> list[dict[str, Any]]:
     return tasks
 
 
+def _vmware_tools_tasks(recipe: Recipe) -> list[dict[str, Any]]:
+    """open-vm-tools, when the recipe asks for it (``guest.vmware_tools: true``).
+
+    Installed here, in the app stage, rather than with ``guest.packages`` in the base: the
+    base cache key is unchanged, so images with and without the tools share one cached base,
+    at the price of an ``apt-get update`` in the guest (about half a minute under TCG).
+    Nothing needs to keep the tools quiet outside VMware: Debian's open-vm-tools.service and
+    vgauth.service carry ``ConditionVirtualization=vmware``, so under QEMU (the validation
+    boot, the QEMU runner backend) systemd skips them and the job runs as without them.
+    """
+    if not recipe.guest.vmware_tools:
+        return []
+    return [_task(f"guest: install {VMWARE_TOOLS_PACKAGE} (its services start only under "
+                  "VMware)", "ansible.builtin.command",
+                  {"argv": ["/bin/sh", "-c",
+                            _APT_INSTALL.format(packages=VMWARE_TOOLS_PACKAGE)]})]
+
+
 def _finish_tasks(recipe: Recipe) -> list[dict[str, Any]]:
     """Record what is installed, then seal: no keys, no build access, no logs."""
     # Through /bin/sh: Ansible's remote temp directory is on /run, which is mounted noexec.
@@ -191,8 +217,9 @@ def write_playbook(recipe: Recipe, staging: Path) -> Path:
         "name": "vmbuild: application",
         "hosts": "all",
         "gather_facts": False,
-        "tasks": [*_system_tasks(recipe, overlay), *_files_tasks(recipe, staging),
-                  *_run_tasks(recipe)],
+        # The tools come before files and run: steps, so those may use them.
+        "tasks": [*_system_tasks(recipe, overlay), *_vmware_tools_tasks(recipe),
+                  *_files_tasks(recipe, staging), *_run_tasks(recipe)],
     }
     finish = {
         "name": "vmbuild: seal",
