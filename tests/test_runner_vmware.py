@@ -5,10 +5,17 @@ The stand-in is strict where VMware's behaviour decides whether a job gets its i
 parses the .vmx, refuses what VMware refuses (and a disk under a device key VMware would
 silently ignore), records which disks it attached, and its guest reads the input disk's args
 and writes a file onto the output disk, so these tests see inputs go in and outputs come
-back for every disk controller."""
+back for every disk controller.
+
+The VM runs on child (delta) disks over the image's: the tests fingerprint the image (bytes and
+mtimes) and check that nothing changes it, that the work directory never holds a copy of it,
+and that a checkpoint moved elsewhere resumes against a copy of the image elsewhere. The
+stand-in can also refuse a resume, replace serial files at power-on, keep its lock after a
+suspend and crash (see its docstring); the tests wait for events with generous bounds."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -99,7 +106,7 @@ def test_runs_the_job_and_exits_with_its_status(image: Path, tmp_path: Path,
     assert [p.name for p in out.iterdir()] == ["standin-result.txt"]
     assert runner.numbers == [1, 2, 3, 4, 5]
     assert running(env) == []
-    # the image itself was never run: VMware ran a copy in the work directory
+    # the image itself was never run: VMware ran a child disk in the work directory
     assert not (image.parent / "job.log").exists()
     assert json.loads((tmp_path / "work" / "result.json").read_text())["status"] == 3
 
@@ -272,7 +279,7 @@ def test_inputs_and_outputs_on_every_controller(controller: str, tmp_path: Path,
     assert runner.wait(60) == 0, runner.describe()
     disks = attached(env)
     assert [(d["key"], Path(d["file"]).name) for d in disks] == [
-        (f"{prefix}:0", "tiny.vmdk"), (f"{prefix}:1", "input.vmdk"),
+        (f"{prefix}:0", "system.vmdk"), (f"{prefix}:1", "input.vmdk"),
         (f"{prefix}:2", "output.vmdk")]
     kind = controller if prefix == "scsi0" else prefix[:-1]
     assert {d["controller"] for d in disks} == {kind}
@@ -436,3 +443,249 @@ def test_standin_accepts_a_child_disk_and_an_escaped_key(tmp_path: Path,
             break
         time.sleep(0.05)
     assert running(env) == []
+
+
+# --------------------------------------------------------------------------- child disks
+
+
+def fingerprint(directory: Path) -> dict[str, tuple[str, int, int]]:
+    """Every file under ``directory``: its SHA-256, size and mtime (ns)."""
+    return {str(p.relative_to(directory)): (hashlib.sha256(p.read_bytes()).hexdigest(),
+                                            p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def filled_image(root: Path) -> Path:
+    """The tiny image with 512 KiB of data on its disk, so a copy of it would show."""
+    vmx = make_image(root, "pvscsi")
+    subprocess.run(["qemu-io", "-f", "vmdk", "-c", "write -P 0x5a 0 512k", str(root / "tiny.vmdk")],
+                   check=True, capture_output=True)
+    return vmx
+
+
+def descriptor(vmdk: Path) -> dict[str, str]:
+    """The key=value lines of a monolithicSparse VMDK's embedded descriptor."""
+    head = vmdk.read_bytes()[:64 * 1024]
+    offset = int.from_bytes(head[28:36], "little") * 512
+    size = int.from_bytes(head[36:44], "little") * 512
+    text = head[offset:offset + size].split(b"\0", 1)[0].decode()
+    return {k.strip(): v.strip().strip('"') for k, _, v in
+            (line.partition("=") for line in text.splitlines()) if _ and not k.startswith("#")}
+
+
+def raw_bytes(vmdk: Path, tmp: Path) -> bytes:
+    raw = tmp / f"{vmdk.name}.raw"
+    subprocess.run(["qemu-img", "convert", "-U", "-O", "raw", str(vmdk), str(raw)], check=True)
+    data = raw.read_bytes()
+    raw.unlink()
+    return data
+
+
+def suspended(image: Path, work: Path, env: dict[str, str], at: int, *extra: str) -> Runner:
+    """Run until the job printed ``at``, then SIGUSR1: the checkpoint is published (85)."""
+    runner = start(image, work, env, *extra)
+    runner.wait_number(at, timeout=60)
+    runner.signal(signal.SIGUSR1)
+    assert runner.wait(60) == 85, runner.describe()
+    return runner
+
+
+def boot_ids(work: Path) -> list[object]:
+    return [e.get("boot_id") for e in last_events(work) if e["event"] == "started"]
+
+
+def test_the_system_disk_is_a_child_of_the_image(tmp_path: Path,
+                                                 standin_env: dict[str, str]) -> None:
+    """After a suspend the work directory holds a child of the image's disk, never a copy;
+    the guest's writes went to the child; the image's bytes and mtimes never change."""
+    image = filled_image(tmp_path / "image")
+    before = fingerprint(image.parent)
+    env = {**standin_env, "VMRUN_STANDIN_COUNT": "30"}
+    work = tmp_path / "work"
+    suspended(image, work, env, 3, "--arg", "x")
+    disk = image.parent / "tiny.vmdk"
+    child = work / "vm" / "system.vmdk"
+    fields = descriptor(child)
+    assert fields["parentFileNameHint"] == str(disk)
+    assert fields["parentCID"] == descriptor(disk)["CID"]
+    assert load_vmx(work / "vm" / "tiny.vmx")["scsi0:0.filename"] == "system.vmdk"
+    image_sum = hashlib.sha256(disk.read_bytes()).hexdigest()
+    copies = [name for name, (digest, _s, _m) in fingerprint(work).items() if digest == image_sum]
+    assert copies == [], "the work directory holds a copy of the image's disk"
+    assert child.stat().st_size < disk.stat().st_size
+    # the stand-in's guest wrote its boot record (64 KiB of 0x01) onto the system disk:
+    # it reads back through the child, over the image's data beyond it
+    data = raw_bytes(child, tmp_path)
+    assert data[:64 * 1024] == b"\x01" * (64 * 1024)
+    assert data[64 * 1024:512 * 1024] == b"\x5a" * (448 * 1024)
+    assert fingerprint(image.parent) == before
+    last = start(image, work, env)
+    assert last.wait(60) == 0, last.describe()
+    assert fingerprint(image.parent) == before
+
+
+def test_checkpoint_moved_with_the_image_elsewhere(tmp_path: Path,
+                                                   standin_env: dict[str, str]) -> None:
+    """HTCondor's case: the work directory comes back in a new sandbox and the image is
+    copied there afresh. The child's parentFileNameHint is rewritten to the new copy (the
+    old path is gone, so the strict stand-in would refuse the chain otherwise)."""
+    image = filled_image(tmp_path / "site1" / "image")
+    env = {**standin_env, "VMRUN_STANDIN_COUNT": "40"}
+    work = tmp_path / "site1" / "work"
+    first = suspended(image, work, env, 5)
+    old_fields = descriptor(work / "vm" / "system.vmdk")
+    new_image_dir = tmp_path / "site2" / "sandbox" / "image"
+    shutil.copytree(image.parent, new_image_dir)
+    before = fingerprint(new_image_dir)
+    moved = tmp_path / "site2" / "sandbox" / "work"
+    shutil.move(str(work), moved)
+    shutil.rmtree(tmp_path / "site1")
+    second = start(new_image_dir / "tiny.vmx", moved, env)
+    assert second.wait(60) == 0, second.describe()
+    assert any("its parent disk is now" in line for line in second.err), second.describe()
+    assert first.numbers + second.numbers == list(range(1, 41))
+    assert len(set(boot_ids(moved))) == 1, "the same boot resumed"
+    assert fingerprint(new_image_dir) == before
+    assert old_fields["parentFileNameHint"] == str(image.parent / "tiny.vmdk")
+    assert old_fields["parentCID"] == descriptor(new_image_dir / "tiny.vmdk")["CID"]
+
+
+def test_another_image_is_refused(tmp_path: Path, standin_env: dict[str, str]) -> None:
+    """A checkpoint resumed with an image of other content: exit 90, the checkpoint kept."""
+    image = filled_image(tmp_path / "image")
+    env = {**standin_env, "VMRUN_STANDIN_COUNT": "40"}
+    work = tmp_path / "work"
+    suspended(image, work, env, 3)
+    other = make_image(tmp_path / "other", "pvscsi")  # same names, another disk
+    runner = start(other, work, env)
+    assert runner.wait(60) == 90, runner.describe()
+    assert any("belongs to another image" in line for line in runner.err), runner.describe()
+    assert (work / "vm" / "tiny.vmss").exists()
+    assert running(env) == []
+    resumed = start(image, work, env)
+    assert resumed.wait(60) == 0, resumed.describe()
+
+
+# --------------------------------------------------------------------------- degrading
+
+
+def test_refused_resume_restarts_the_job_from_the_image(tmp_path: Path,
+                                                       standin_env: dict[str, str]) -> None:
+    """VMware refuses the saved state (other CPU features): the runner says so, starts the
+    job afresh from the image on the same inputs, and it finishes; result.json counts it."""
+    image = filled_image(tmp_path / "image")
+    before = fingerprint(image.parent)
+    env = {**standin_env, "VMRUN_STANDIN_COUNT": "50", "VMRUN_STANDIN_STATUS": "4"}
+    work, out = tmp_path / "work", tmp_path / "out"
+    suspended(image, work, env, 5, "--arg", "same input")
+    refusing = {**env, "VMRUN_STANDIN_REFUSE_RESUME": "1"}
+    runner = start(image, work, refusing, "--output-dir", str(out))  # no --arg this time
+    assert runner.wait(60) == 4, runner.describe()
+    assert any("VMware refused to resume the suspended VM" in line and
+               "features supported by the processors" in line for line in runner.err), \
+        runner.describe()
+    assert any("starting the job afresh from the image" in line for line in runner.err)
+    assert runner.numbers == list(range(1, 51)), "the count is complete, from 1"
+    assert any(text == 'input args: ["same input"]' for _t, text in runner.lines), \
+        runner.describe()
+    assert json.loads((out / "standin-result.txt").read_text())["args"] == ["same input"]
+    result = json.loads((work / "result.json").read_text())
+    assert result["status"] == 4 and result["resume_failures"] == 1
+    assert len(set(boot_ids(work))) == 2, "a second boot"
+    assert fingerprint(image.parent) == before
+    assert running(env) == []
+
+
+def test_refused_resume_with_fail_keeps_the_checkpoint(tmp_path: Path,
+                                                       standin_env: dict[str, str]) -> None:
+    image = make_image(tmp_path / "image", "pvscsi")
+    env = {**standin_env, "VMRUN_STANDIN_COUNT": "50"}
+    work = tmp_path / "work"
+    first = suspended(image, work, env, 3)
+    refusing = {**env, "VMRUN_STANDIN_REFUSE_RESUME": "Error while restoring (stand-in)"}
+    runner = start(image, work, refusing, "--on-resume-failure", "fail")
+    assert runner.wait(60) == 90, runner.describe()
+    assert any("Error while restoring (stand-in)" in line and "--on-resume-failure fail" in line
+               for line in runner.err), runner.describe()
+    assert (work / "vm" / "tiny.vmss").exists()
+    last = start(image, work, env)  # a host that resumes it
+    assert last.wait(60) == 0, last.describe()
+    assert first.numbers + last.numbers == list(range(1, 51))
+
+
+def test_replaced_serial_files_lose_no_output(tmp_path: Path,
+                                              standin_env: dict[str, str]) -> None:
+    """VMware may replace a serial file at power-on instead of appending: the runner moves
+    the files aside before every power-on (resume and after each periodic checkpoint), so
+    no output and no exit event is lost."""
+    image = make_image(tmp_path / "image", "pvscsi")
+    env = {**standin_env, "VMRUN_STANDIN_COUNT": "70", "VMRUN_STANDIN_STATUS": "7",
+           "VMRUN_STANDIN_SERIAL": "replace", "VMRUN_STANDIN_SUSPEND_DELAY": "0.1"}
+    work = tmp_path / "work"
+    seen: list[int] = []
+    for at in (5, 12):
+        seen += suspended(image, work, env, at).numbers
+    last = start(image, work, env, "--checkpoint-every", "1s")
+    assert last.wait(90) == 7, last.describe()
+    assert sum("VM suspended" in line for line in last.err) >= 1, last.describe()
+    assert seen + last.numbers == list(range(1, 71))
+    assert len(set(boot_ids(work))) == 1
+
+
+def test_publishes_after_vmware_releases_the_lock(tmp_path: Path,
+                                                  standin_env: dict[str, str]) -> None:
+    """VMware's lock outlives `vmrun suspend` (here by 1.5 s): the checkpoint is published
+    only once it is gone, and the periodic checkpoint's power-on (refused while the lock
+    exists) works."""
+    image = make_image(tmp_path / "image", "pvscsi")
+    env = {**standin_env, "VMRUN_STANDIN_COUNT": "50", "VMRUN_STANDIN_LOCK_LINGER": "1.5",
+           "VMRUN_STANDIN_SUSPEND_DELAY": "0.1"}
+    work = tmp_path / "work"
+    first = suspended(image, work, env, 4)
+    assert not (work / "vm" / "tiny.vmx.lck").exists()
+    assert json.loads((work / "vmware.json").read_text())["state"] == "suspended"
+    last = start(image, work, env, "--checkpoint-every", "1s")
+    assert last.wait(90) == 0, last.describe()
+    assert sum("VM suspended" in line for line in last.err) >= 1, last.describe()
+    assert first.numbers + last.numbers == list(range(1, 51))
+
+
+def test_a_crashed_vm_ends_the_run_with_92(tmp_path: Path,
+                                           standin_env: dict[str, str]) -> None:
+    """vmware-vmx dies: no power-off, its lock stays, `vmrun list` forgets it. The run ends
+    with 92 (the lock alone would never go) and says why."""
+    image = make_image(tmp_path / "image", "pvscsi")
+    env = {**standin_env, "VMRUN_STANDIN_COUNT": "100000"}
+    work = tmp_path / "work"
+    runner = start(image, work, env)
+    runner.wait_number(3, timeout=60)
+    assert vmrun(env, "_crash", str(work / "vm" / "tiny.vmx")) == ""
+    assert (work / "vm" / "tiny.vmx.lck").exists(), "the stand-in left its lock, as VMware"
+    assert runner.wait(60) == 92, runner.describe()
+    assert any("vmrun list does not name it" in line for line in runner.err), runner.describe()
+    assert running(env) == []
+
+
+def test_a_stale_lock_is_removed_at_start(tmp_path: Path,
+                                          standin_env: dict[str, str]) -> None:
+    """A lock no running VM owns is removed before the power-on (the stand-in, like VMware
+    given a lock from another host, refuses a locked VM): one brought along with a
+    checkpoint, and one left by a VM that crashed after its runner was killed."""
+    image = make_image(tmp_path / "image", "pvscsi")
+    env = {**standin_env, "VMRUN_STANDIN_COUNT": "60"}
+    work = tmp_path / "work"
+    vmx = work / "vm" / "tiny.vmx"
+    first = suspended(image, work, env, 3)
+    lock = work / "vm" / "tiny.vmx.lck"
+    lock.mkdir()  # as VMware leaves it: a directory with a lock file from another host
+    (lock / "M31415.lck").write_text("other-host\n")
+    second = start(image, work, env)
+    second.wait_number(first.numbers[-1] + 2, timeout=60)
+    assert any("removing tiny.vmx.lck" in line for line in second.err), second.describe()
+    second.signal(signal.SIGKILL)  # the runner dies, then its VM crashes
+    second.wait(30)
+    assert vmrun(env, "_crash", str(vmx)) == ""
+    assert lock.exists() and running(env) == []
+    third = start(image, work, env)
+    assert third.wait(60) == 0, third.describe()
+    assert third.numbers == list(range(1, 61)), "nothing saved since the crash: afresh"

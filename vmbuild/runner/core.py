@@ -172,6 +172,9 @@ class RunOptions:
     # the VM is shut down (ACPI power button, then a bounded wait) and the run ends.
     run_for: float | None = None
     shutdown_grace: float = 60.0
+    # VMware refused to resume a checkpoint (e.g. another host's CPU features): start the
+    # job afresh from the image ("restart") or exit 90 keeping the checkpoint ("fail").
+    on_resume_failure: str = "restart"
 
     @property
     def wants_input_disk(self) -> bool:
@@ -418,6 +421,7 @@ class Backend:
         self.vm_error: str | None = None  # the hypervisor failed (not a guest power-off)
         self.stop_reason: str | None = None  # a STOP_REASONS key, once the VM is gone
         self.outcome: RunOutcome | None = None  # set by drive() when the run ends
+        self.resume_failures = 0  # refused resumes that restarted the job (result.json)
 
     async def start(self) -> None:
         """Boot or resume the VM; return when it runs. RunnerError(90) when it cannot."""
@@ -469,7 +473,7 @@ class Backend:
             except RunnerError as exc:
                 log(f"could not copy the outputs: {exc}")
         result = {"status": status, "events": self.streams.report.events,
-                  "finished": time.time()}
+                  "resume_failures": self.resume_failures, "finished": time.time()}
         (workdir / RESULT).write_text(json.dumps(result, indent=1) + "\n")
 
 

@@ -91,6 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="with --checkpoint-every: exit with the checkpoint code after each "
                           "periodic checkpoint (HTCondor's self-checkpointing: it saves the "
                           "checkpoint files and starts the runner again, which resumes)")
+    run.add_argument("--on-resume-failure", choices=("restart", "fail"), default="restart",
+                     help="VMware: when VMware refuses to resume the checkpoint (e.g. a host "
+                          "whose CPU features differ), start the job afresh from the image "
+                          "(restart, the default; counted in result.json) or exit 90 keeping "
+                          "the checkpoint (fail)")
     run.add_argument("--keep-base", action="store_true",
                      help="QEMU: keep the image's disk converted to qcow2 in the work directory "
                           "after a checkpoint or the end (faster local resume; by default it is "
@@ -133,7 +138,8 @@ def options_from(ns: argparse.Namespace) -> RunOptions:
         checkpoint_exit_code=ns.checkpoint_exit_code, timeout=timeout,
         start_timeout=start_timeout, accel=ns.accel,
         vmware_type=ns.vmware_type, quiet=ns.quiet, keep_base=ns.keep_base, console=ns.console,
-        exit_after_checkpoint=ns.exit_after_checkpoint)
+        exit_after_checkpoint=ns.exit_after_checkpoint,
+        on_resume_failure=ns.on_resume_failure)
 
 
 def run_command(ns: argparse.Namespace) -> int:
