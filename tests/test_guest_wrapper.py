@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +99,27 @@ class TestWrapper:
         status, output, _ = run_wrapper(
             tmp_path, config(command=["/bin/sh", "-c", "echo as built"]), input_dir=inputs)
         assert (status, output) == (0, "as built\n")
+
+    def test_a_shutdown_mid_job_is_reported_not_lost(self, tmp_path: Path) -> None:
+        """The VM shutting down (SIGTERM to the wrapper, as systemd does at power-off) ends
+        the job, and the wrapper still reports how it ended (and returns its outputs)."""
+        job_port, control_port = tmp_path / "job.log", tmp_path / "control.log"
+        job_port.write_bytes(b"")
+        control_port.write_bytes(b"")
+        cfg = tmp_path / "job.json"
+        cfg.write_text(json.dumps(config(command=["/bin/sh", "-c", "echo up; sleep 60"])))
+        env = dict(os.environ, VMBUILD_JOB_PORT=str(job_port),
+                   VMBUILD_CONTROL_PORT=str(control_port), VMBUILD_NO_DISKS="1")
+        proc = subprocess.Popen([sys.executable, str(WRAPPER), str(cfg)], env=env,
+                                stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
+        while b"up" not in job_port.read_bytes() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        proc.terminate()
+        assert proc.wait(timeout=60) == 143
+        events = parse_control(control_port.read_text()).events
+        assert events[-1] == {**events[-1], "event": "exited", "status": 143,
+                              "stopped_by": "SIGTERM"}
 
     def test_unknown_user_is_reported(self, tmp_path: Path) -> None:
         status, _, events = run_wrapper(tmp_path, config(user="no-such-user-here"))

@@ -29,7 +29,8 @@ def test_until_started_stops_a_long_job_and_says_how_long_it_ran(hello_vmx: Path
     proof = final["result"]["validation"]  # type: ignore[index]
     assert proof["mode"] == "started"
     assert proof["ran_for"] >= 8
-    assert proof["status"] is None  # it never finished: it was stopped
+    # The shutdown reached the job as SIGTERM (status 143), and the wrapper still said so.
+    assert proof["status"] == 143
 
 
 def test_inputs_environment_and_expected_output(hello_vmx: Path, tmp_path: Path) -> None:

@@ -139,8 +139,8 @@ def boot(vmx: Path, report: Reporter, spec: BootSpec,
     from vmbuild.runner.qemu import QemuBackend  # needs qemu.qmp; only a boot does
 
     with tempfile.TemporaryDirectory(prefix="vmbuild-validate-") as tmp:
-        work = Path(tmp) / "run" if keep_logs is None else keep_logs
-        work.mkdir(parents=True, exist_ok=True)
+        work = Path(tmp) / "run"
+        work.mkdir()
         options = core.RunOptions(
             vmx=vmx.resolve(), workdir=work.resolve(), inputs=list(spec.inputs),
             env=dict(spec.environment), output_dir=Path(tmp) / "outputs",
@@ -182,8 +182,11 @@ def boot(vmx: Path, report: Reporter, spec: BootSpec,
             tail = ""
         status = next((e.get("status") for e in reversed(events)
                        if e.get("event") in ("exited", "timeout")), None)
-        if keep_logs is None:
-            shutil.rmtree(work, ignore_errors=True)
+        if keep_logs is not None:  # the logs, not the disk layers
+            keep_logs.mkdir(parents=True, exist_ok=True)
+            for name in (*core.LOGS, core.RESULT):
+                if (work / name).is_file():
+                    shutil.copy2(work / name, keep_logs / name)
         return BootResult(status if isinstance(status, int) else None, outcome, seconds,
                           sink.text, tail, events, outputs)
 
