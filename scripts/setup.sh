@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Install everything vmbuild needs on a fresh Debian 12 machine (run as root), then the Python
 # package and its development tools into ./.venv. Safe to run again: it skips what is there.
+# The venv is made from Debian's /usr/bin/python3, never from whatever `python3` is first on
+# root's PATH (on the development machines that is pyenv's, inside /root): a venv points at
+# its interpreter, so only a system Python gives a .venv that other users can run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,6 +14,7 @@ SYSTEM_PACKAGES=(
   mmdebstrap                  # the minimal Debian root filesystem of the base stage
   grub-pc-bin grub-efi-amd64-bin grub2-common  # boot loaders written into the disk
   e2fsprogs dosfstools mtools fdisk            # filesystems and partitions, without loop devices
+  uidmap                      # newuidmap/newgidmap: base images built without root (user namespace)
   openssh-client              # per-build SSH keys; Ansible's transport
   python3 python3-venv python3-dev
 )
@@ -29,8 +33,13 @@ if ((${#missing[@]})); then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
 fi
 
+PYTHON=/usr/bin/python3
 if [[ ! -x .venv/bin/python ]]; then
-  python3 -m venv .venv
+  "$PYTHON" -m venv .venv
+elif ! grep -qx "home = $(dirname "$PYTHON")" .venv/pyvenv.cfg 2>/dev/null; then
+  # Not removed here: someone may be using it. Say how to remake it.
+  echo "setup: .venv was not made from $PYTHON ($(grep '^home' .venv/pyvenv.cfg 2>/dev/null));" \
+       "other users cannot run it: rm -rf .venv and run this again to remake it" >&2
 fi
 .venv/bin/python -m pip install -q --upgrade pip >&2
 .venv/bin/python -m pip install -q -e '.[dev]' >&2

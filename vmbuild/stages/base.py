@@ -4,6 +4,20 @@ The base holds what changes rarely (release, packages, kernel, disk geometry, bo
 everything that names the application (hostname, files, the job) is applied later by the app
 stage, so editing the application reuses the cached base. The base has no SSH key in it: the
 build injects a fresh key per build through QEMU's fw_cfg (see guest/vmbuild-build-access).
+
+Root is not needed. As root, mmdebstrap runs in its `root` mode, as before. Any other user
+builds inside a user namespace (`unshare` with `newuidmap`) that maps the guest's ids to
+the user's /etc/subuid range, as mmdebstrap's own unshare mode does, and also maps the user
+at id 65536, so that namespace's root may write the user's own (even private) cache
+directory. mmdebstrap (in `--mode=unshare`, which as that root only adds mount and pid
+namespaces), the configuration of the tree, its `chroot` calls, `mkfs.ext4 -d` and the
+tree's removal all run in that mapping, where the tree's files show their guest owners: mkfs
+records uid 0, not the host's 100000. Device nodes, which only real root can make, are
+written into the filesystem by the disk stage (`disk.complete_dev`). mmdebstrap's own
+`--unshare-helper` is not used because its mapping leaves the user out, so its root could
+not enter a home directory of mode 0700. As root the same worker runs without a namespace,
+and mmdebstrap keeps `--mode=root`, which makes real device nodes: the route root has always
+taken. tests/test_rootless.py builds both ways and compares the disks entry by entry.
 """
 
 from __future__ import annotations
@@ -13,8 +27,10 @@ import fcntl
 import hashlib
 import json
 import os
+import pwd
 import shutil
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -25,10 +41,10 @@ from vmbuild.events import Event, Reporter, Stage
 from vmbuild.recipe import Recipe
 from vmbuild.runner.accel import cache_root
 from vmbuild.stages import disk as diskimage
-from vmbuild.tools import run_tool
+from vmbuild.tools import find_tool, missing_tools, run_tool, tool_env
 
 # Bump when the base's construction changes in a way the settings below do not capture.
-BASE_FORMAT = 3
+BASE_FORMAT = 4
 GUEST_DIR = Path(__file__).parent.parent / "guest"
 BASE_GUEST_FILES = ("vmbuild-build-access", "vmbuild-build-access.service",
                     "10-vmbuild-dhcp.network")
@@ -200,32 +216,95 @@ def ensure_base(recipe: Recipe, report: Reporter, *, cache: Path | None = None,
                 info = _build(settings, work, stage)
             (work / "base.json").write_text(json.dumps(info, indent=2, sort_keys=True))
             if (work / "rootfs").exists():
-                shutil.rmtree(work / "rootfs")
+                _discard(work / "rootfs")
             os.replace(work, final)  # publish: a base dir is complete or absent
         finally:
             if work.exists():
-                shutil.rmtree(work, ignore_errors=True)
+                _discard(work)
     result = _load_cached(final, key)
     assert result is not None
     return BaseImage(key, result.disk, result.info, cached=False)
 
 
+def rootless() -> bool:
+    """True when this process is not root: the base is then built in a user namespace."""
+    return os.geteuid() != 0
+
+
+# Guest ids mapped into the build namespace: the first 65536 ids of the user's range, as
+# mmdebstrap maps them. (util-linux 2.38 leaves the top one, 65535, unmapped when the user is
+# mapped beside the range; Debian never assigns 65535, policy 9.2.2.) The user sits above.
+GUEST_IDS = 65536
+
+
+def subordinate_range(path: Path, user: str, uid: int) -> tuple[int, int] | None:
+    """The first (start, count) that /etc/subuid or /etc/subgid (`path`) gives this user."""
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        fields = line.strip().split(":")
+        if len(fields) == 3 and fields[0] in (user, str(uid)) \
+                and fields[1].isdigit() and fields[2].isdigit():
+            return int(fields[1]), int(fields[2])
+    return None
+
+
+def _id_ranges() -> tuple[tuple[int, int], tuple[int, int]]:
+    """The user's subordinate uid and gid ranges, or a UsageError that says how to add them."""
+    uid = os.geteuid()
+    user = pwd.getpwuid(uid).pw_name
+    found = []
+    for path in (Path("/etc/subuid"), Path("/etc/subgid")):
+        rng = subordinate_range(path, user, uid)
+        if rng is None or rng[1] < GUEST_IDS:
+            raise UsageError(
+                f"building a base image without root needs {GUEST_IDS} subordinate ids for "
+                f"{user} in {path} (useradd adds them; otherwise, as root: usermod "
+                f"--add-subuids 100000-165535 --add-subgids 100000-165535 {user})")
+        found.append(rng)
+    return found[0], found[1]
+
+
 def _check_build_host() -> None:
-    missing = [tool for tool in ("mmdebstrap", "mkfs.ext4", "sfdisk", "grub-mkimage", "qemu-img",
-                                 "mcopy") if shutil.which(tool) is None]
+    missing = missing_tools(["mmdebstrap", "mkfs.ext4", "debugfs", "sfdisk", "grub-mkimage",
+                             "qemu-img", "mcopy",
+                             *(["unshare", "newuidmap", "newgidmap"] if rootless() else [])])
     if missing:
         raise UsageError("missing build tools: " + ", ".join(missing)
                          + " (see the README's set-up: apt-get install ...)")
-    if os.geteuid() != 0:
-        raise UsageError("building a base image needs root (mmdebstrap writes device nodes "
-                         "and file ownership into the guest's root filesystem)")
+    if rootless():
+        _id_ranges()
+
+
+def as_guest_root(argv: list[str]) -> list[str]:
+    """`argv` run as root of the guest's ids: directly when root, otherwise in the mapping
+    described in the module docstring. The result is an argument list, for no shell."""
+    if not rootless():
+        return argv
+    (uid0, _), (gid0, _) = _id_ranges()
+    return [find_tool("unshare") or "unshare", "--user",
+            f"--map-users={uid0},0,{GUEST_IDS}", f"--map-groups={gid0},0,{GUEST_IDS}",
+            f"--map-user={GUEST_IDS}", f"--map-group={GUEST_IDS}",
+            "--setuid=0", "--setgid=0", "--", *argv]
+
+
+def _discard(path: Path) -> None:
+    """Remove a work tree. Without root a rootfs holds files of subordinate uids that the user
+    cannot unlink directly, so the removal runs in the mapping."""
+    if rootless() and path.exists():
+        with contextlib.suppress(BuildError):
+            run_tool(as_guest_root(["rm", "-rf", "--one-file-system", "--", str(path)]),
+                     f"removing {path}")
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def _stream(argv: list[str], stage: Stage, what: str) -> None:
     """Run a long tool, passing each line it prints on as a progress step."""
     tail: list[str] = []
     with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          errors="replace") as proc:
+                          errors="replace", env=tool_env(), umask=0o022) as proc:
         assert proc.stdout is not None
         for line in proc.stdout:
             line = line.rstrip()
@@ -241,28 +320,72 @@ def _stream(argv: list[str], stage: Stage, what: str) -> None:
 
 def _build(settings: BaseSettings, work: Path, stage: Stage) -> dict[str, object]:
     rootfs = work / "rootfs"
-    argv = ["mmdebstrap", "--variant=minbase", "--mode=root", "--format=directory",
+    mode = "unshare" if rootless() else "root"
+    argv = ["mmdebstrap", "--variant=minbase", f"--mode={mode}", "--format=directory",
             "--include=" + ",".join(settings.packages),
             "--aptopt=Acquire::Retries=3",
             *[f"--dpkgopt={opt}" for opt in _DPKG_EXCLUDES],
             settings.release, str(rootfs), *settings.sources]
-    _stream(argv, stage, "mmdebstrap")
+    _stream(as_guest_root(argv), stage, f"mmdebstrap (--mode={mode})")
 
-    stage.step("configuring the base system")
     layout = diskimage.plan_layout(settings.disk, settings.firmware)
-    _configure_rootfs(rootfs, layout)
-    diskimage.install_grub_files(rootfs, layout, KERNEL_CMDLINE)
-    packages_installed = _dpkg_list(rootfs)
-
-    stage.step("assembling the disk (partitions, ext4, GRUB)")
+    spec = work / "finish.json"
+    packages = work / "packages.json"
     raw = work / "base.raw"
-    diskimage.assemble_disk(rootfs, raw, layout)
+    for made in (raw, packages):  # made here, so they belong to the user, not a subuid
+        made.touch()
+    spec.write_text(json.dumps({"rootfs": str(rootfs), "disk": str(raw),
+                                "packages": str(packages), "cmdline": settings.cmdline,
+                                "layout": asdict(layout)}))
+    worker = [sys.executable, "-m", "vmbuild.stages.base", str(spec)]
+    _stream(as_guest_root(worker), stage, "finishing the base disk")
+
     stage.step("converting the disk to qcow2")
     run_tool(["qemu-img", "convert", "-O", "qcow2", str(raw), str(work / "base.qcow2")],
              "converting the base disk to qcow2")
     raw.unlink()
+    packages_installed: dict[str, str] = json.loads(packages.read_text())
+    spec.unlink()
+    packages.unlink()
     return {"settings": settings.to_json(), "root_uuid": layout.root_uuid,
-            "packages": packages_installed}
+            "packages": packages_installed, "built_by": "unshare" if rootless() else "root"}
+
+
+def finish_tree(rootfs: Path, disk: Path, layout: diskimage.DiskLayout,
+                cmdline: str) -> dict[str, str]:
+    """Configure the tree, write it to the raw disk and remove it; return its package list.
+
+    Runs where the tree's files show their guest owners (see the module docstring), so it
+    prints progress as mmdebstrap does ("I: ...") for `_stream` to pass on.
+    """
+    print("I: configuring the base system", flush=True)
+    _configure_rootfs(rootfs, layout)
+    diskimage.install_grub_files(rootfs, layout, cmdline)
+    packages = _dpkg_list(rootfs)
+    print("I: assembling the disk (partitions, ext4, GRUB)", flush=True)
+    diskimage.assemble_disk(rootfs, disk, layout)
+    shutil.rmtree(rootfs)
+    return packages
+
+
+def _worker(spec_path: str) -> int:
+    os.umask(0o022)  # what the worker writes into the guest must not depend on the caller's
+    spec = json.loads(Path(spec_path).read_text())
+    try:
+        packages = finish_tree(Path(spec["rootfs"]), Path(spec["disk"]),
+                               diskimage.DiskLayout(**spec["layout"]), spec["cmdline"])
+    except (BuildError, OSError) as exc:
+        print(f"E: {exc}", flush=True)
+        return 1
+    Path(spec["packages"]).write_text(json.dumps(packages))
+    return 0
+
+
+def _install(src: Path, dest: Path, mode: int) -> None:
+    """Copy a file into the guest with a fixed mode: a copy that kept the source's mode would
+    make the base depend on the checkout's umask (git archive gives 0664, pip 0644)."""
+    shutil.copyfile(src, dest)
+    dest.chmod(mode)
 
 
 def _configure_rootfs(root: Path, layout: diskimage.DiskLayout) -> None:
@@ -271,13 +394,12 @@ def _configure_rootfs(root: Path, layout: diskimage.DiskLayout) -> None:
     (root / "etc/hostname").write_text("vmbuild\n")
     lib = root / "usr/local/lib/vmbuild"
     lib.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(GUEST_DIR / "vmbuild-build-access", lib / "vmbuild-build-access")
-    (lib / "vmbuild-build-access").chmod(0o755)
-    shutil.copy2(GUEST_DIR / "vmbuild-build-access.service",
-                 root / "etc/systemd/system/vmbuild-build-access.service")
+    _install(GUEST_DIR / "vmbuild-build-access", lib / "vmbuild-build-access", 0o755)
+    _install(GUEST_DIR / "vmbuild-build-access.service",
+             root / "etc/systemd/system/vmbuild-build-access.service", 0o644)
     netdir = root / "etc/systemd/network"
     netdir.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(GUEST_DIR / "10-vmbuild-dhcp.network", netdir / "10-vmbuild-dhcp.network")
+    _install(GUEST_DIR / "10-vmbuild-dhcp.network", netdir / "10-vmbuild-dhcp.network", 0o644)
     # Host keys made by openssh-server's postinst would be shared by every image built from
     # this base; the build makes its own, and the shipped image has none.
     for key in (root / "etc/ssh").glob("ssh_host_*"):
@@ -292,3 +414,7 @@ def _dpkg_list(root: Path) -> dict[str, str]:
                        "${Package}\t${Version}\n"], "listing the base's packages")
     pairs = (line.split("\t", 1) for line in stdout.splitlines() if "\t" in line)
     return dict(sorted((name, version) for name, version in pairs))
+
+
+if __name__ == "__main__":
+    sys.exit(_worker(sys.argv[1]))

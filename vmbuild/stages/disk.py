@@ -6,10 +6,15 @@ I/O: `sfdisk` writes the partition table into the file, `mkfs.ext4 -d` writes th
 straight from the directory at the partition's offset (which also leaves no deleted blocks behind
 to bloat the VMDK), and GRUB's BIOS stage is written by hand the way `grub-bios-setup` would,
 since that tool is not shipped in Debian's `grub-pc-bin` and wants a block device anyway.
+
+None of it needs root. What root alone can put into a directory tree, device nodes, is
+written into the filesystem afterwards with `debugfs` (see `complete_dev`), so a tree made
+by `mmdebstrap --mode=unshare` gives the same filesystem as one made as root.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import struct
 import tempfile
@@ -40,6 +45,30 @@ _BOOT_DRIVE = 0x64
 _BOOT_DRIVE_CHECK = 0x66
 _MBR_CODE_END = 0x1B8  # disk signature + partition table + 0x55AA follow; keep those
 _BLOCKLIST = SECTOR - 12  # last blocklist entry of diskboot.img: start(u64) len(u16) seg(u16)
+
+# What mmdebstrap puts into /dev when it may call mknod (its @devfiles table, 1.3.5): name,
+# kind, permission bits, then major/minor or the link target. Without root (unshare mode) it
+# can create none of the nodes and removes its placeholders, so `complete_dev` writes the
+# missing entries into the filesystem, owned by root with these modes, as the root build has
+# them. The guest mounts devtmpfs over /dev at boot; the entries matter for chroots of the
+# disk and for two builds of one base being the same filesystem whoever built them.
+DEV_ENTRIES: tuple[tuple[str, str, int, tuple[int, int] | str | None], ...] = (
+    ("console", "char", 0o666, (5, 1)),
+    ("fd", "link", 0o777, "/proc/self/fd"),
+    ("full", "char", 0o666, (1, 7)),
+    ("null", "char", 0o666, (1, 3)),
+    ("ptmx", "char", 0o666, (5, 2)),
+    ("pts", "dir", 0o755, None),
+    ("random", "char", 0o666, (1, 8)),
+    ("shm", "dir", 0o755, None),
+    ("stderr", "link", 0o777, "/proc/self/fd/2"),
+    ("stdin", "link", 0o777, "/proc/self/fd/0"),
+    ("stdout", "link", 0o777, "/proc/self/fd/1"),
+    ("tty", "char", 0o666, (5, 0)),
+    ("urandom", "char", 0o666, (1, 9)),
+    ("zero", "char", 0o666, (1, 5)),
+)
+_TYPE_BITS = {"char": 0o020000, "link": 0o120000, "dir": 0o040000}
 
 
 @dataclass(frozen=True)
@@ -145,6 +174,63 @@ def _make_root_fs(disk: Path, root: Path, layout: DiskLayout) -> None:
     )
 
 
+def _debugfs_fs(disk: Path, layout: DiskLayout) -> str:
+    """The root filesystem as debugfs names it: the disk file at the partition's offset."""
+    return f"{disk}?offset={layout.root_offset}"
+
+
+def list_dir(disk: Path, layout: DiskLayout, path: str) -> dict[str, tuple[int, int, int]]:
+    """Name -> (mode, uid, gid) of the entries of directory `path` in the root filesystem.
+
+    Read with `debugfs ls -p`; debugfs exits 0 even when it cannot read, so an unreadable
+    directory shows up as an empty result, which callers treat as entries missing.
+    """
+    out = run_tool(["debugfs", "-R", f"ls -p {path}", _debugfs_fs(disk, layout)],
+                   f"listing {path} in the root filesystem")
+    entries: dict[str, tuple[int, int, int]] = {}
+    for line in out.splitlines():
+        fields = line.split("/")  # /inode/mode/uid/gid/name/size/
+        if len(fields) >= 7 and fields[5] not in (".", ".."):
+            entries[fields[5]] = (int(fields[2], 8), int(fields[3]), int(fields[4]))
+    return entries
+
+
+def complete_dev(disk: Path, layout: DiskLayout, root: Path) -> list[str]:
+    """Write the DEV_ENTRIES the tree's /dev lacks into the filesystem; return their names.
+
+    A tree without /dev (not a Debian root) is left alone. Each entry is made root:root with
+    mmdebstrap's mode, then read back: debugfs reports failures only in its output.
+    """
+    dev = root / "dev"
+    if not dev.is_dir():
+        return []
+    missing = [e for e in DEV_ENTRIES if not os.path.lexists(dev / e[0])]
+    if not missing:
+        return []
+    commands = ["cd /dev"]
+    for name, kind, mode, spec in missing:
+        if kind == "char":
+            assert isinstance(spec, tuple)
+            commands.append(f"mknod {name} c {spec[0]} {spec[1]}")
+        elif kind == "link":
+            commands.append(f"symlink {name} {spec}")
+        else:
+            commands.append(f"mkdir {name}")
+        commands += [f"sif {name} mode 0{_TYPE_BITS[kind] | mode:o}",
+                     f"sif {name} uid 0", f"sif {name} gid 0"]
+    with tempfile.NamedTemporaryFile("w", suffix=".debugfs") as script:
+        script.write("\n".join(commands) + "\n")
+        script.flush()
+        run_tool(["debugfs", "-w", "-f", script.name, _debugfs_fs(disk, layout)],
+                 "writing /dev entries")
+    found = list_dir(disk, layout, "/dev")
+    wrong = [name for name, kind, mode, _ in missing
+             if found.get(name) != (_TYPE_BITS[kind] | mode, 0, 0)]
+    if wrong:
+        raise BuildError("debugfs did not write /dev entries: " + ", ".join(wrong))
+    return [e[0] for e in missing]
+
+
 def _install_grub_bios(disk: Path, layout: DiskLayout, work: Path) -> None:
     early = work / "early.cfg"
     early.write_text(_early_cfg(layout))
@@ -195,6 +281,7 @@ def assemble_disk(root: Path, disk: Path, layout: DiskLayout) -> None:
         f.truncate(layout.size)
     _partition(disk, layout)
     _make_root_fs(disk, root, layout)
+    complete_dev(disk, layout, root)
     with tempfile.TemporaryDirectory(prefix="vmbuild-grub-") as tmp:
         if layout.firmware == "efi":
             _install_grub_efi(disk, layout, Path(tmp))
