@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -322,6 +323,21 @@ def manifest_files(manifest: dict[str, Any]) -> list[str]:
     return names
 
 
+def source_key(path: Path) -> str:
+    """Identifies an image disk by content, cheaply: its size, and its first and last MiB
+    (a VMDK's header and descriptor, with the content ID its writer chose, and its grain
+    tables or footer). Unlike a name or an mtime, this survives a scheduler copying the
+    image to another sandbox, so a checkpoint finds its base again there."""
+    h = hashlib.sha256()
+    size = path.stat().st_size
+    h.update(str(size).encode())
+    with path.open("rb") as f:
+        h.update(f.read(1 << 20))
+        f.seek(max(0, size - (1 << 20)))
+        h.update(f.read(1 << 20))
+    return h.hexdigest()[:16]
+
+
 # --------------------------------------------------------------------------- job I/O
 
 
@@ -383,6 +399,14 @@ class JobStreams:
                 self.started.set()
             if event["event"] in ("exited", "timeout"):
                 self.finished.set()
+
+    def reset(self) -> None:
+        """A fresh boot of the job (a refused resume restarts it from the image): what the
+        old boot reported no longer counts."""
+        self.report = JobReport()
+        self.started.clear()
+        self.finished.clear()
+        self.output_filter = JobOutputFilter()
 
     @property
     def boot_id(self) -> str | None:

@@ -41,7 +41,13 @@ signals:
 
 
 def default_backend() -> str:
-    return "vmware" if shutil.which("vmrun") else "qemu"
+    """VMware when vmrun is here and can run x86 guests (not Fusion on Apple silicon)."""
+    if shutil.which("vmrun"):
+        from .probe import can_run_x86_guests
+
+        if can_run_x86_guests():
+            return "vmware"
+    return "qemu"
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -28,7 +28,6 @@ import asyncio
 import contextlib
 import ctypes
 import ctypes.util
-import hashlib
 import json
 import os
 import shlex
@@ -54,6 +53,7 @@ from .core import (
     Workdir,
     log,
     manifest_files,
+    source_key,
 )
 from .qemu_devices import BLOCKDEV, ExtraDrive, qemu_argv
 from .vmx import VmxError, VmxInfo, load_vmx, vmx_info
@@ -127,21 +127,6 @@ def compact_chain(workdir: Path, disk: str, layers: list[str]) -> str:
             os.unlink(workdir / merged)
         raise RunnerError(f"merging the disk layers of {disk} failed: {proc.stderr.strip()}")
     return merged
-
-
-def source_key(path: Path) -> str:
-    """Identifies an image disk by content, cheaply: its size, and its first and last MiB
-    (a VMDK's header and descriptor, with the content ID its writer chose, and its grain
-    tables or footer). Unlike a name or an mtime, this survives a scheduler copying the
-    image to another sandbox, so a checkpoint finds its base again there."""
-    h = hashlib.sha256()
-    size = path.stat().st_size
-    h.update(str(size).encode())
-    with path.open("rb") as f:
-        h.update(f.read(1 << 20))
-        f.seek(max(0, size - (1 << 20)))
-        h.update(f.read(1 << 20))
-    return h.hexdigest()[:16]
 
 
 def blockdev_args(workdir: Path, disk: str, layers: list[str], top: str) -> tuple[list[str], str]:

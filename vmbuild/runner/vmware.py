@@ -24,7 +24,7 @@ so every few seconds ``vmrun list`` is asked too, and a VM it no longer names en
 Checkpoint. ``vmrun suspend VM.vmx hard|soft`` writes the ``.vmss`` (and ``.vmem``; and
 the ``.nvram`` under EFI is beside them); the runner waits (bounded) for VMware to release
 the ``.vmx.lck``, then publishes ``vmware.json`` atomically: the child disks with the
-content key of the image disk each was made over (:func:`qemu.source_key`), the control
+content key of the image disk each was made over (:func:`core.source_key`), the control
 events seen, and how many resumes VMware refused. A checkpoint is therefore the children,
 the input and output disks, the saved state and the manifest: the image stays where it is.
 On resume, the image's content keys are checked first (another image is refused, exit 90,
@@ -66,7 +66,6 @@ from pathlib import Path
 from typing import Any
 
 from . import jobio
-from .contract import JobOutputFilter, JobReport
 from .core import (
     Backend,
     JobStreams,
@@ -75,9 +74,9 @@ from .core import (
     Workdir,
     log,
     read_json,
+    source_key,
     write_atomic,
 )
-from .qemu import source_key
 from .vmx import (
     UNIT_RANGES,
     VMDK_ADAPTER_TYPES,
@@ -108,10 +107,18 @@ _NOT_THE_STATE = ("unable to connect", "cannot connect", "timed out", "license",
 
 
 def vmrun_type() -> str:
+    """``vmrun -T``'s host type for this host's product (Player is not Workstation); a host
+    that cannot run an x86 guest at all (Fusion on Apple silicon) is refused up front."""
     forced = os.environ.get("VMBUILD_VMRUN_TYPE")
     if forced:
         return forced
-    return "fusion" if sys.platform == "darwin" else "ws"
+    from .probe import detect_vmware, vmrun_host_type
+
+    product = detect_vmware()
+    if not product.x86:
+        raise RunnerError("VMware on this host cannot run x86 guests (Fusion on Apple silicon "
+                          "runs Arm guests only); use --backend qemu", 2)
+    return vmrun_host_type(product) or ("fusion" if sys.platform == "darwin" else "ws")
 
 
 class Vmrun:
@@ -469,10 +476,7 @@ class VmwareBackend(Backend):
     def _forget_job(self) -> None:
         """The job restarts from the image: what the old boot reported no longer counts."""
         self.offsets = {"job": 0, "control": 0}
-        self.streams.report = JobReport()
-        self.streams.started.clear()
-        self.streams.finished.clear()
-        self.streams.output_filter = JobOutputFilter()
+        self.streams.reset()
 
     async def start(self) -> None:
         self.wd.ensure()
