@@ -36,7 +36,7 @@ pytestmark = pytest.mark.skipif(
     shutil.which("qemu-img") is None or shutil.which("mkfs.ext4", path="/usr/sbin:/sbin") is None,
     reason="needs qemu-img and mkfs.ext4 for the input/output disks")
 
-VMX = """\
+HEADER = """\
 .encoding = "UTF-8"
 config.version = "8"
 virtualHW.version = "19"
@@ -44,10 +44,6 @@ displayName = "tiny"
 guestOS = "debian12-64"
 memsize = "512"
 numvcpus = "1"
-scsi0.present = "TRUE"
-scsi0.virtualDev = "pvscsi"
-scsi0:0.present = "TRUE"
-scsi0:0.fileName = "tiny.vmdk"
 serial0.present = "TRUE"
 serial0.fileType = "file"
 serial0.fileName = "console.log"
@@ -57,6 +53,14 @@ serial1.fileName = "job.log"
 serial2.present = "TRUE"
 serial2.fileType = "file"
 serial2.fileName = "control.log"
+"""
+
+#: The tiny image's .vmx: the header above and one pvscsi disk.
+VMX = HEADER + """\
+scsi0.present = "TRUE"
+scsi0.virtualDev = "pvscsi"
+scsi0:0.present = "TRUE"
+scsi0:0.fileName = "tiny.vmdk"
 """
 
 
@@ -208,24 +212,6 @@ def test_periodic_checkpoints(image: Path, tmp_path: Path, standin_env: dict[str
 
 # --------------------------------------------------------------------------- disk keys
 
-HEADER = """\
-.encoding = "UTF-8"
-config.version = "8"
-virtualHW.version = "19"
-displayName = "tiny"
-guestOS = "debian12-64"
-memsize = "512"
-numvcpus = "1"
-serial0.present = "TRUE"
-serial0.fileType = "file"
-serial0.fileName = "console.log"
-serial1.present = "TRUE"
-serial1.fileType = "file"
-serial1.fileName = "job.log"
-serial2.present = "TRUE"
-serial2.fileType = "file"
-serial2.fileName = "control.log"
-"""
 
 #: controller -> (.vmx lines for the controller and its boot disk, the device-key prefix)
 CONTROLLERS = {
