@@ -467,3 +467,99 @@ def test_a_workdir_holding_the_image_is_refused(tmp_path: Path) -> None:
     rc = main.main(["run", str(vmx), "--workdir", str(tmp_path), "--backend", "qemu"])
     assert rc == 2
     assert (tmp_path / "hello.vmdk").read_bytes() == b"precious"
+
+
+# ------------------------------------------------------------------ issue 11: exit 93, refusals
+
+
+class _LosingBackend(FakeBackend):
+    """A backend whose outputs could not be returned: finish() decides the exit status."""
+
+    async def finish(self, status: int) -> int:  # type: ignore[override]
+        self.calls.append(f"finish {status}")
+        return core.EXIT_OUTPUTS_LOST
+
+
+def test_drive_returns_the_status_finish_decides(tmp_path: Path) -> None:
+    import asyncio
+
+    options = core.RunOptions(vmx=tmp_path / "x.vmx", workdir=tmp_path)
+
+    async def go() -> tuple[int, _LosingBackend]:
+        streams = core.JobStreams(tmp_path, quiet=True)
+        backend = _LosingBackend(options, streams)
+        _guest_says(backend, {"event": "started", "boot_id": "b1"},
+                    {"event": "exited", "status": 0})
+        backend.exited.set()
+        rc = await core.drive(backend, options)
+        streams.close()
+        return rc, backend
+
+    rc, backend = asyncio.run(go())
+    assert rc == core.EXIT_OUTPUTS_LOST == 93
+    assert backend.calls == ["start", "finish 0"]
+    assert backend.outcome is not None and backend.outcome.status == 93
+    assert "93" in core.EXIT_CODES_HELP and "outputs" in core.EXIT_CODES_HELP
+
+
+def _escaping_image(tmp_path: Path, disk: str, **extra: str) -> Path:
+    image = tmp_path / "image"
+    image.mkdir()
+    (image / "disk.vmdk").write_bytes(b"")
+    vmx = image / "x.vmx"
+    keys = {**VMX, "scsi0:0.filename": disk, **extra}
+    vmx.write_text("".join(f'{k} = "{v}"\n' for k, v in keys.items()))
+    return vmx
+
+
+@pytest.mark.parametrize("backend", ["qemu", "vmware"])
+def test_run_refuses_a_disk_outside_the_image(tmp_path: Path, backend: str,
+                                              capfd: pytest.CaptureFixture[str],
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    standin = Path(__file__).parent / "standin"  # VMware's vmrun, as test_runner_vmware uses
+    monkeypatch.setenv("PATH", f"{standin}{os.pathsep}{os.environ['PATH']}")
+    vmx = _escaping_image(tmp_path, "/etc/shadow")
+    work = tmp_path / "work"
+    rc = main.main(["run", str(vmx), "--workdir", str(work), "--backend", backend,
+                    "--output-dir", str(tmp_path / "out")])
+    assert rc == 2
+    err = capfd.readouterr().err
+    assert "scsi0:0.fileName '/etc/shadow' is an absolute path" in err
+    assert "refusing to run it" in err
+    made = sorted(p.name for p in work.rglob("*")) if work.exists() else []
+    assert not [name for name in made if name.endswith((".qcow2", ".vmdk", ".raw", ".vmx"))]
+    assert not (tmp_path / "out").exists()
+
+
+def test_outside_files_sees_links_climbs_serials_nvram_and_extents(tmp_path: Path) -> None:
+    import os
+
+    from vmbuild.runner.vmx import load_vmx, outside_files
+    from vmbuild.stages.artifact import lint_vmx
+
+    vmx = _escaping_image(tmp_path, "linked.vmdk", **{
+        "serial1.present": "TRUE", "serial1.filetype": "file",
+        "serial1.filename": "../job.log", "nvram": "/var/lib/x.nvram"})
+    os.symlink("/etc/shadow", vmx.parent / "linked.vmdk")
+    problems = outside_files(vmx, load_vmx(vmx))
+    assert any("scsi0:0.fileName 'linked.vmdk' is a symbolic link" in p for p in problems)
+    assert any("serial1.fileName '../job.log' climbs out" in p for p in problems)
+    assert any("nvram '/var/lib/x.nvram' is an absolute path" in p for p in problems)
+    assert any("symbolic link" in p for p in lint_vmx(vmx, qemu_img=None))
+
+    # A text descriptor whose extent is a host file outside the image.
+    (vmx.parent / "linked.vmdk").unlink()
+    (vmx.parent / "linked.vmdk").write_text(
+        '# Disk DescriptorFile\nversion=1\ncreateType="monolithicFlat"\n'
+        'RW 16 FLAT "/etc/shadow" 0\n')
+    problems = outside_files(vmx, load_vmx(vmx))
+    assert any("its extent '/etc/shadow' is an absolute path" in p for p in problems)
+
+    # A self-contained image is fine.
+    fine = tmp_path / "fine"
+    fine.mkdir()
+    (fine / "disk.vmdk").write_text('# Disk DescriptorFile\nRW 16 FLAT "disk-flat.vmdk" 0\n')
+    (fine / "x.vmx").write_text("".join(f'{k} = "{v}"\n' for k, v in VMX.items()))
+    assert outside_files(fine / "x.vmx", load_vmx(fine / "x.vmx")) == []

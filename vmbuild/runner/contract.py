@@ -27,6 +27,10 @@ EXIT_CHECKPOINTED = 85  # HTCondor's conventional checkpoint_exit_code
 EXIT_VM_START_FAILED = 90
 EXIT_JOB_TIMEOUT = 91
 EXIT_VM_DIED = 92
+#: The job finished but its outputs could not all be returned to --output-dir (an unreadable
+#: or crafted output filesystem, more than the output limit, a host error): never a silent
+#: success. result.json says why, and keeps the job's own status as "job_status".
+EXIT_OUTPUTS_LOST = 93
 EXIT_USAGE = 2
 
 

@@ -37,6 +37,7 @@ from typing import Any
 from .contract import (
     EXIT_CHECKPOINTED,
     EXIT_JOB_TIMEOUT,
+    EXIT_OUTPUTS_LOST,
     EXIT_USAGE,
     EXIT_VM_DIED,
     EXIT_VM_START_FAILED,
@@ -66,6 +67,8 @@ exit status:
   {EXIT_VM_START_FAILED}   the VM failed to start (or to resume from its checkpoint)
   {EXIT_JOB_TIMEOUT}   the job timed out (--timeout, or the image's own job timeout)
   {EXIT_VM_DIED}   the VM stopped without reporting a job status (crash, poweroff, kill)
+  {EXIT_OUTPUTS_LOST}   the job finished but its outputs could not be returned to --output-dir
+       (unreadable or crafted output filesystem, over the size limit); see result.json
   2    usage error
 """
 
@@ -471,8 +474,11 @@ class Backend:
         await self.poweroff()
         return False
 
-    async def finish(self, status: int) -> None:
-        """The job ended and the VM is gone: collect outputs, retire the checkpoint."""
+    async def finish(self, status: int) -> int | None:
+        """The job ended and the VM is gone: collect outputs, retire the checkpoint.
+
+        Returns the run's final exit status (what :meth:`deliver` decided: 93 when the
+        outputs could not be returned), or None to keep ``status``."""
         raise NotImplementedError
 
     async def close(self) -> None:
@@ -485,20 +491,49 @@ class Backend:
     def vm_memory_mib(self) -> int:
         return 0
 
-    async def deliver(self, status: int, output_disk: Path | None, workdir: Path) -> None:
-        """Copy the outputs disk's files to --output-dir and record the job's result."""
+    async def deliver(self, status: int, output_disk: Path | None, workdir: Path) -> int:
+        """Copy the outputs disk's files to --output-dir, record the job's result and return
+        the run's exit status.
+
+        Outputs that could not all be returned (no readable filesystem, a crafted one, more
+        than the output limit) end the run with EXIT_OUTPUTS_LOST instead of the job's
+        status, so a scheduler never mistakes lost outputs for success; result.json keeps
+        the job's own status and says why. Entries deliberately not returned (links leading
+        out, devices, FIFOs, bad names) are listed, on stderr and in result.json, but are
+        not a failure."""
         from . import jobio  # jobio needs RunnerError from this module
 
         out = self.options.output_dir
+        final = status
+        outputs: dict[str, Any] | None = None
         if out is not None and output_disk is not None and output_disk.exists():
             try:
-                files = await asyncio.to_thread(jobio.extract_outputs, output_disk, out)
-                log(f"{len(files)} output file(s) copied to {out}")
-            except RunnerError as exc:
+                got = await asyncio.to_thread(jobio.extract_outputs, output_disk, out)
+                outputs = got.as_json()
+                log(f"{len(got.files)} output file(s) and {len(got.links)} link(s) copied "
+                    f"to {out}")
+                for entry in got.dropped:
+                    log(f"output {entry['path']!r} dropped: {entry['reason']}")
+                for problem in got.problems:
+                    log(f"output lost: {problem}")
+                if not got.complete:
+                    final = EXIT_OUTPUTS_LOST
+            except (RunnerError, OSError) as exc:
                 log(f"could not copy the outputs: {exc}")
-        result = {"status": status, "events": self.streams.report.events,
-                  "resume_failures": self.resume_failures, "finished": time.time()}
+                outputs = {"complete": False, "problems": [str(exc)], "dropped": []}
+                final = EXIT_OUTPUTS_LOST
+            if final == EXIT_OUTPUTS_LOST:
+                log(f"exit {EXIT_OUTPUTS_LOST}: the job finished (status {status}) but its "
+                    f"outputs could not all be returned to {out}")
+        result: dict[str, Any] = {"status": final, "job_status": status,
+                                  "events": self.streams.report.events,
+                                  "resume_failures": self.resume_failures,
+                                  "finished": time.time()}
+        if outputs is not None:
+            result["outputs"] = outputs
+            result["dropped"] = outputs["dropped"]
         (workdir / RESULT).write_text(json.dumps(result, indent=1) + "\n")
+        return final
 
 
 def _usage_reporter(backend: Backend) -> Any:
@@ -656,8 +691,8 @@ async def _drive(backend: Backend, options: RunOptions, install_signals: bool) -
                     "power button; the VM was stopped")
                 backend.outcome = RunOutcome(0, backend.stop_reason, ran_for=ran,
                                              clean_shutdown=clean)
-                await backend.finish(0)
-                return 0
+                final = await backend.finish(0)
+                return 0 if final is None else final
             if next_periodic is not None and now >= next_periodic:
                 assert periodic is not None
                 if not paused and not backend.streams.finished.is_set():
@@ -686,8 +721,8 @@ async def _drive(backend: Backend, options: RunOptions, install_signals: bool) -
                 outcome.stop_detail = backend.vm_error or ""
                 log(f"the VM stopped without reporting a job status: {outcome.describe()}")
         backend.outcome = outcome
-        await backend.finish(status)
-        return status
+        final = await backend.finish(status)
+        return status if final is None else final
     finally:
         if reporter is not None:
             reporter.stop()

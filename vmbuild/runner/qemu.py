@@ -56,7 +56,7 @@ from .core import (
     source_key,
 )
 from .qemu_devices import BLOCKDEV, ExtraDrive, qemu_argv
-from .vmx import VmxError, VmxInfo, load_vmx, vmx_info
+from .vmx import VmxError, VmxInfo, load_vmx, outside_files, vmx_info
 
 PR_SET_PDEATHSIG = 1
 QMP_TIMEOUT = 60.0
@@ -349,9 +349,12 @@ class QemuBackend(Backend):
     async def start(self) -> None:
         vmx_path = self.options.vmx
         try:
-            self.info = vmx_info(load_vmx(vmx_path))
+            mapping = load_vmx(vmx_path)
+            self.info = vmx_info(mapping)
         except (OSError, VmxError) as exc:
             raise RunnerError(f"{vmx_path}: {exc}", 2) from exc
+        if outside := outside_files(vmx_path, mapping):  # before any disk is read
+            raise RunnerError("; ".join(outside) + "; refusing to run it", 2)
         await asyncio.to_thread(self._prepare_disks, vmx_path)
         argv, child_fds, socks = self._argv()
         parent = os.getpid()
@@ -589,12 +592,13 @@ class QemuBackend(Backend):
             await self._quit()
             return False
 
-    async def finish(self, status: int) -> None:
+    async def finish(self, status: int) -> int:
         disk = self.wd.path / self.tops["output"] if "output" in self.tops else None
-        await self.deliver(status, disk, self.wd.path)
+        final = await self.deliver(status, disk, self.wd.path)
         self.wd.retire()
         self.wd.collect(self._cached_base_names(None))
         self._drop_bases()
+        return final
 
     def vm_pid(self) -> int | None:
         if self.proc is not None and self.proc.returncode is None:

@@ -86,6 +86,7 @@ from .vmx import (
     controller_prefix,
     free_units,
     load_vmx,
+    outside_files,
     read_vmx_text,
     vmx_escape,
     vmx_info,
@@ -297,6 +298,8 @@ class VmwareBackend(Backend):
             info = vmx_info(mapping)
         except (OSError, VmxError) as exc:
             raise RunnerError(f"{src}: {exc}", 2) from exc
+        if outside := outside_files(src, mapping):  # before any disk is read or copied
+            raise RunnerError("; ".join(outside) + "; refusing to run it", 2)
         if not info.disks:
             raise RunnerError(f"{src}: the VM has no hard disk", 2)
         return mapping, info
@@ -479,6 +482,7 @@ class VmwareBackend(Backend):
         self.streams.reset()
 
     async def start(self) -> None:
+        self._image()  # refuse an image naming files outside its directory, first
         self.wd.ensure()
         self.wd.collect([])
         manifest = self._manifest()
@@ -653,13 +657,14 @@ class VmwareBackend(Backend):
     async def poweroff(self) -> None:
         await self.vmrun("stop", str(self.vmx), "hard")
 
-    async def finish(self, status: int) -> None:
+    async def finish(self, status: int) -> int:
         await self._stop_follower()
         await asyncio.to_thread(self._serial_aside)
-        await self.deliver(status, self.vm_dir / "output.vmdk", self.wd.path)
+        final = await self.deliver(status, self.vm_dir / "output.vmdk", self.wd.path)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.wd.path / VMWARE_MANIFEST)
         shutil.rmtree(self.vm_dir, ignore_errors=True)
+        return final
 
     def vm_pid(self) -> int | None:
         from .chirp import vm_pid_for

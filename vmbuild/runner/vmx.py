@@ -18,7 +18,9 @@ The format, as VMware writes and reads it:
 from __future__ import annotations
 
 import codecs
+import os
 import re
+import struct
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -429,3 +431,89 @@ def vmx_info(mapping: Mapping[str, str]) -> VmxInfo:
         serial_ports=serials,
         display_name=mapping.get("displayname", ""),
     )
+
+
+# --------------------------------------------------------------------------- containment
+
+#: Bytes of a VMDK descriptor read to find the files it names (descriptors are small).
+_DESCRIPTOR_MAX = 1 << 20
+_EXTENT_RE = re.compile(r'^\s*(?:RW|RDONLY|NOACCESS)\s+\d+\s+\S+\s+"([^"]*)"', re.MULTILINE)
+_PARENT_RE = re.compile(r'^\s*parentFileNameHint\s*=\s*"([^"]*)"', re.MULTILINE)
+
+
+def _escapes(directory: Path, name: str) -> str | None:
+    """Why ``name`` (as a .vmx or .vmdk writes it, relative to ``directory``) is not a file
+    inside ``directory``: absolute, climbing out with '..', or a symbolic link leading out."""
+    if name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name):
+        return f"{name!r} is an absolute path"
+    if ".." in re.split(r"[\\/]", name):
+        return f"{name!r} climbs out of the image directory ('..')"
+    root = os.path.realpath(directory)
+    real = os.path.realpath(os.path.join(directory, name))
+    if real != root and not real.startswith(root.rstrip("/") + "/"):
+        return f"{name!r} is a symbolic link leading out of the image directory (to {real})"
+    return None
+
+
+def _vmdk_descriptor(path: Path) -> str:
+    """The descriptor text of a VMDK: the file itself when it is a text descriptor, the
+    embedded one of a monolithic sparse extent, else empty."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(512)
+            if head[:4] == b"KDMV" and len(head) >= 44:
+                offset, size = struct.unpack_from("<QQ", head, 28)
+                if offset and size:
+                    f.seek(offset * 512)
+                    return f.read(min(size * 512, _DESCRIPTOR_MAX)).decode("latin-1")
+                return ""
+            if head.lstrip().startswith(b"#") or b"createType" in head:
+                return (head + f.read(_DESCRIPTOR_MAX)).decode("latin-1")
+    except OSError:
+        pass
+    return ""
+
+
+def outside_files(vmx_path: str | Path, mapping: Mapping[str, str]) -> list[str]:
+    """Files the ``.vmx`` at ``vmx_path`` makes a hypervisor read or write that lie outside
+    its directory: its disks (and the extents and parents their VMDK descriptors name), its
+    file-backed serial ports and its NVRAM. Each problem is a sentence naming the key.
+
+    Why: the runner converts and boots whatever the image names, on an execute node, under
+    the scheduler's account, and the work directory travels back to whoever submitted the
+    job; a .vmx naming ``/etc/shadow`` as a disk would hand that file to the guest (and to the
+    submitter). An image is self-contained, so anything outside its directory is refused."""
+    vmx_path = Path(vmx_path)
+    directory = vmx_path.parent
+    name = vmx_path.name
+    problems: list[str] = []
+    named: list[tuple[str, str]] = []
+    for disk in vmx_disks(mapping):
+        named.append((f"{disk.key}.fileName", disk.file_name))
+    for key, value in mapping.items():
+        if (match := _SERIAL_RE.match(key)) and vmx_bool(value):
+            index = match.group(1)
+            if mapping.get(f"serial{index}.filetype", "").strip().lower() == "file":
+                named.append((f"serial{index}.fileName",
+                              mapping.get(f"serial{index}.filename", "")))
+    if mapping.get("nvram"):
+        named.append(("nvram", mapping["nvram"]))
+    for key, file_name in named:
+        if not file_name:
+            continue
+        why = _escapes(directory, file_name)
+        if why is not None:
+            problems.append(f"{name}: {key} {why}; the image's files must lie in its "
+                            "directory")
+            continue
+        if key.endswith(".fileName") and not key.startswith("serial"):
+            disk_path = directory / file_name
+            text = _vmdk_descriptor(disk_path)
+            refs = [("extent", m) for m in _EXTENT_RE.findall(text)]
+            refs += [("parentFileNameHint", m) for m in _PARENT_RE.findall(text)]
+            for what, ref in refs:
+                why = _escapes(disk_path.parent, ref)
+                if why is not None:
+                    problems.append(f"{name}: {key} {file_name!r}: its {what} {why}; the "
+                                    "image's files must lie in its directory")
+    return problems

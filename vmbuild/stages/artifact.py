@@ -23,6 +23,7 @@ from vmbuild.runner.vmx import (
     controller_present,
     dump_vmx,
     iter_vmx_lines,
+    outside_files,
     parse_vmx,
     read_vmx_text,
     vmx_bool,
@@ -289,7 +290,9 @@ def lint_vmx(
     ``.vmx`` takes it (``debian12-64``, not the vSphere API's ``debian12_64Guest``, which
     VMware's .vmx reader does not know); with ``strict_guest_os``, the hardware version is
     one whose VMware products know that guestOS (:func:`guest_os_problems`); serial port
-    files are relative; then every VMDK is linted with :func:`lint_vmdk`.
+    files are relative; no disk, serial file, NVRAM or descriptor extent is a symbolic link
+    leading out of the image directory (the runner refuses those, exit 2); then every VMDK
+    is linted with :func:`lint_vmdk`.
     """
     path = Path(path)
     name = path.name
@@ -428,6 +431,10 @@ def lint_vmx(
                                                                       kinds, nics)]
         if strict_guest_os:
             problems += [f"{name}: {p}" for p in guest_os_problems(hw, guest_os)]
+
+    # Names that look relative but are symbolic links leading out of the image directory:
+    # the runner refuses them (outside_files); absolute and '..' names are reported above.
+    problems += [p for p in outside_files(path, vmx) if "symbolic link" in p]
 
     for vmdk in vmdks:
         problems += lint_vmdk(vmdk, qemu_img=qemu_img, timeout=timeout)
