@@ -16,6 +16,7 @@ SYSTEM_PACKAGES=(
   e2fsprogs dosfstools mtools fdisk            # filesystems and partitions, without loop devices
   uidmap                      # newuidmap/newgidmap: base images built without root (user namespace)
   openssh-client              # per-build SSH keys; Ansible's transport
+  slurmctld slurmd slurm-client munge  # the real one-node Slurm cluster of tests/slurm_cluster.py
   python3 python3-venv python3-dev
 )
 

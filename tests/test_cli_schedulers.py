@@ -33,6 +33,11 @@ def test_submit_condor_and_slurm(app: typer.Typer, tmp_path: Path) -> None:
                                  str(tmp_path / "c"), "--queue", "2", "--item", str(item),
                                  "--extra", "max_retries = 2", "--write-speed", "50"])
     assert result.exit_code == 0, result.output
+    # the runner bundle is always written beside the submit file (no "not yet" fallback)
+    assert result.output.split() == [str(tmp_path / "c" / "hello.sub"),
+                                     str(tmp_path / "c" / "vmbuild-run.pyz")]
+    assert "warning" not in result.output
+    assert (tmp_path / "c" / "vmbuild-run.pyz").read_bytes().startswith(b"#!")
     sub = (tmp_path / "c" / "hello.sub").read_text()
     assert "max_retries = 2" in sub and "queue 2 vmbuild_input from (" in sub
     assert "job_max_vacate_time       = 112" in sub  # ceil((2048 / 50 + 15) * 2)

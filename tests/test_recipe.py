@@ -990,3 +990,35 @@ def test_format_duration() -> None:
         "30s", "10m", "1h30m", "1d1m", "2.5s", "2h"]
     for text in ("90s", "30m", "1h30m", "2d"):
         assert format_duration(parse_duration(text)) in (text, "1m30s")
+
+
+# Found by the recipe fuzzer (tests/test_recipe_fuzz.py) -------------------------------------
+
+@pytest.mark.parametrize(("value", "message"), [
+    ("!!bool maybe", '"maybe" is not a valid !!bool value'),
+    ("!!int abc", '"abc" is not a valid !!int value'),
+    ("!!float x", '"x" is not a valid !!float value'),
+    ("!!timestamp nope", '"nope" is not a valid !!timestamp value'),
+    ("2024-02-30", '"2024-02-30" is not a valid !!timestamp value'),  # implicit: a bad date
+])
+def test_a_scalar_its_tag_cannot_read_is_a_located_error(write: Write, value: str,
+                                                         message: str) -> None:
+    """PyYAML's constructors raised KeyError/ValueError/AttributeError for these: a
+    traceback instead of exit 2. The value may also be a key (`2024-02-30: x`)."""
+    path = write(MINIMAL + f"guest:\n  hostname: {value}\n")
+    assert error_of(path) == f"recipe.yaml:6: guest.hostname: {message}"
+    path = write(MINIMAL + f"{value}: x\n")
+    assert error_of(path) == f"recipe.yaml:5: {message}"
+
+
+def test_a_lone_surrogate_in_a_value_is_a_located_error(write: Write) -> None:
+    """A YAML escape can make a lone surrogate ("\\ud800", or a JSON-style pair, which YAML
+    reads as two); it cannot be encoded as UTF-8, and a path holding one crashed the
+    loader in os.path.realpath (UnicodeEncodeError)."""
+    path = write(MINIMAL + 'validate:\n  inputs: ["\\ud83d\\ude00"]\n', app="x")
+    assert error_of(path) == (
+        "recipe.yaml:6: validate.inputs[0]: contains a lone surrogate (\\ud83d), which is not "
+        "a character and cannot be written as UTF-8 into a path, an argument or a file")
+    path = write(MINIMAL.replace("command: echo hello from the guest",
+                                 'command: "echo \\udfff hello"'))
+    assert error_of(path).startswith("recipe.yaml:4: job.command: contains a lone surrogate")

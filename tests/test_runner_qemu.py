@@ -27,6 +27,20 @@ pytestmark = [
 ]
 
 
+def settled_count(runner: Runner, quiet: float = 1.0, timeout: float = 120) -> int:
+    """How many numbers the runner has printed once none arrived for `quiet` seconds: output
+    the guest wrote before a pause may still be on its way when the pause is confirmed.
+    An event (silence) with a generous bound, not a fixed sleep."""
+    deadline = time.monotonic() + timeout
+    count, since = len(runner.numbers), time.monotonic()
+    while time.monotonic() - since < quiet:
+        assert time.monotonic() < deadline, f"output never settled: {runner.describe()}"
+        time.sleep(0.1)
+        if len(runner.numbers) != count:
+            count, since = len(runner.numbers), time.monotonic()
+    return count
+
+
 def control_events(workdir: Path) -> list[dict[str, object]]:
     events = []
     for line in (workdir / "control.log").read_text().splitlines():
@@ -72,11 +86,10 @@ def test_checkpoint_resume_cycles(counter_vmx: Path, tmp_path: Path) -> None:
     first = Runner(counter_vmx, "--workdir", work, "--output-dir", out,
                    "--env", f"COUNT={count}", "--env", "EXIT_STATUS=3")
     first.wait_number(4)
-    sent = first.signal(signal.SIGUSR1)
-    rc = first.wait(120)
-    exit_latency = time.monotonic() - sent
-    assert rc == 85, first.describe()
-    assert exit_latency < 10, f"checkpoint took {exit_latency:.1f}s"
+    first.signal(signal.SIGUSR1)
+    # the checkpoint's duration is measured in bench/, not bounded here (TCG on a busy
+    # machine varies widely): the run must end in a checkpoint, within a generous bound
+    assert first.wait(300) == 85, first.describe()
     assert (work / "checkpoint.json").is_file()
     assert not list(work.glob("base-*.qcow2")), "the image's own disk must not travel"
     assert wait_gone(str(work)) == []
@@ -86,14 +99,14 @@ def test_checkpoint_resume_cycles(counter_vmx: Path, tmp_path: Path) -> None:
     second = Runner(counter_vmx, "--workdir", work, "--output-dir", out)
     second.wait_number(seen[-1] + 2)
     second.signal(signal.SIGTSTP)
-    time.sleep(1.5)  # numbers in flight when the pause came
-    before = len(second.numbers)
-    time.sleep(3)
+    second.wait_err("VM paused", timeout=120)  # the runner confirms the pause
+    before = settled_count(second)  # numbers in flight when the pause came have arrived
+    time.sleep(3)  # a window in which a running VM would print (one number a second)
     assert len(second.numbers) == before, "the VM kept running while paused"
     second.signal(signal.SIGCONT)
     second.wait_number(max(second.numbers) + 2)
     second.signal(signal.SIGTERM)
-    assert second.wait(120) == 85, second.describe()
+    assert second.wait(300) == 85, second.describe()
     seen += second.numbers
 
     # third run, after moving the work directory elsewhere, with the image copied too (as a
@@ -106,7 +119,7 @@ def test_checkpoint_resume_cycles(counter_vmx: Path, tmp_path: Path) -> None:
     third = Runner(image_copy / counter_vmx.name, "--workdir", moved, "--output-dir", out)
     third.wait_number(seen[-1] + 2)
     third.signal(signal.SIGUSR1)
-    assert third.wait(120) == 85, third.describe()
+    assert third.wait(300) == 85, third.describe()
     seen += third.numbers
 
     last = Runner(counter_vmx, "--workdir", moved, "--output-dir", out)

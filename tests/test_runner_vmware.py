@@ -96,6 +96,20 @@ def running(env: dict[str, str]) -> list[str]:
     return lines[1:]
 
 
+def settled_count(runner: Runner, quiet: float = 1.0, timeout: float = 120) -> int:
+    """How many numbers the runner has printed once none arrived for `quiet` seconds: output
+    the guest wrote before a pause may still be on its way when the pause is confirmed.
+    An event (silence) with a generous bound, not a fixed sleep."""
+    deadline = time.monotonic() + timeout
+    count, since = len(runner.numbers), time.monotonic()
+    while time.monotonic() - since < quiet:
+        assert time.monotonic() < deadline, f"output never settled: {runner.describe()}"
+        time.sleep(0.1)
+        if len(runner.numbers) != count:
+            count, since = len(runner.numbers), time.monotonic()
+    return count
+
+
 def start(image: Path, work: Path, env: dict[str, str], *extra: str) -> Runner:
     return Runner(image, "--backend", "vmware", "--workdir", work, *extra, env=env)
 
@@ -128,9 +142,9 @@ def test_suspend_resume_cycles_and_move(image: Path, tmp_path: Path,
             work = moved
         runner = start(image, work, env)
         runner.wait_number((seen[-1] if seen else 0) + 5, timeout=60)
-        sent = runner.signal(signal.SIGUSR1 if cycle != 1 else signal.SIGTERM)
-        assert runner.wait(60) == 85, runner.describe()
-        assert time.monotonic() - sent < 10
+        runner.signal(signal.SIGUSR1 if cycle != 1 else signal.SIGTERM)
+        # ends in a suspend, within a generous bound (how fast is for bench/, not a test)
+        assert runner.wait(120) == 85, runner.describe()
         seen += runner.numbers
         vm = work / "vm"
         assert (vm / "tiny.vmss").exists(), "VMware keeps a .vmss after suspend"
@@ -193,9 +207,9 @@ def test_pause_and_unpause(image: Path, tmp_path: Path, standin_env: dict[str, s
     runner = start(image, tmp_path / "work", env)
     runner.wait_number(3, timeout=60)
     runner.signal(signal.SIGTSTP)
-    time.sleep(1.0)
-    before = len(runner.numbers)
-    time.sleep(1.0)
+    runner.wait_err("VM paused", timeout=120)  # the runner confirms the pause
+    before = settled_count(runner)  # numbers already on their way have arrived
+    time.sleep(1.0)  # a window in which the running stand-in would print
     assert len(runner.numbers) == before
     runner.signal(signal.SIGCONT)
     assert runner.wait(60) == 0, runner.describe()

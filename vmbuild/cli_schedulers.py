@@ -81,9 +81,6 @@ def submit(
                                  bundle=not no_bundle)
         for path in files:
             print(path)
-        if not no_bundle and len(files) == 1:
-            print("vmbuild: warning: this vmbuild cannot write the runner bundle yet; put "
-                  f"{options.bundle} beside {files[0].name}", file=sys.stderr)
         if now:
             result = submit_now(files, scheduler)
             print(result.output)

@@ -28,11 +28,18 @@ class _Type:
 
 
 def _str(node: _Node, field_: str, expected: str = "a string") -> str:
-    """A string scalar. No recipe value may carry NUL: it cannot pass through argv or files."""
+    """A string scalar. No recipe value may carry NUL or a lone surrogate: neither can pass
+    through argv, a path or a file."""
     if not isinstance(node.scalar, str) or node.mapping is not None or node.items is not None:
         _fail(node.loc, field_, f"expected {expected}, got {_kind(node)}")
     if "\0" in node.scalar:
         _fail(node.loc, field_, "contains a NUL character, which no recipe value may carry")
+    try:
+        node.scalar.encode("utf-8")
+    except UnicodeEncodeError as exc:  # a YAML escape such as "\ud800" makes one
+        _fail(node.loc, field_,
+              f"contains a lone surrogate (\\u{ord(node.scalar[exc.start]):04x}), which is not "
+              "a character and cannot be written as UTF-8 into a path, an argument or a file")
     return node.scalar
 
 

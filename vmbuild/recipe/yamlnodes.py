@@ -108,8 +108,7 @@ class _Converter:
         if self.count > _MAX_NODES:
             _fail(loc, None, f"the recipe is too large (over {_MAX_NODES} YAML values)")
         if isinstance(ynode, yaml.ScalarNode):
-            value: object = self.loader.construct_object(ynode)
-            return _Node(loc, scalar=value, raw=str(ynode.value))
+            return _Node(loc, scalar=self.construct(ynode, path), raw=str(ynode.value))
         if id(ynode) in self.active:
             _fail(loc, path, "a YAML alias refers to itself")
         self.active.add(id(ynode))
@@ -146,11 +145,22 @@ class _Converter:
             out[key] = (self.loc(key_node), self.convert(value_node, _join(path, key)))
         return _Node(loc, mapping=out)
 
+    def construct(self, ynode: yaml.ScalarNode, path: str) -> object:
+        """The scalar's value as YAML types it. PyYAML's constructors raise plain Python
+        errors for text their type cannot hold (`!!bool maybe`, `!!int abc`, an unquoted
+        2024-02-30 read as a date), which would otherwise escape as a traceback."""
+        try:
+            return self.loader.construct_object(ynode)
+        except (ValueError, KeyError, TypeError, OverflowError, AttributeError):
+            tag = ynode.tag.replace(_TAG, "!!")
+            _fail(self.loc(ynode), path or None,
+                  f"{_show(str(ynode.value))} is not a valid {tag} value")
+
     def key(self, key_node: yaml.Node, path: str) -> str:
         loc = self.loc(key_node)
         if not isinstance(key_node, yaml.ScalarNode):
             _fail(loc, path, "a key must be a plain string, not a list or a mapping")
-        value: object = self.loader.construct_object(key_node)
+        value: object = self.construct(key_node, path)
         if not isinstance(value, str):
             got = _kind(_Node(loc, scalar=value))
             _fail(loc, _join(path, str(key_node.value)),

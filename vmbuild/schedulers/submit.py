@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from vmbuild.runner.bundle import write_bundle
 from vmbuild.schedulers.condor import _find_vmx, render_submit
 from vmbuild.schedulers.image import SchedulerError, image_facts
 from vmbuild.schedulers.options import SubmitOptions
@@ -18,22 +19,14 @@ Scheduler = Literal["condor", "slurm"]
 SCHEDULERS: tuple[Scheduler, ...] = ("condor", "slurm")
 
 
-def _write_bundle(path: Path) -> bool:
-    """Write the runner zipapp; False when this vmbuild has no bundle writer yet."""
-    try:
-        from vmbuild.runner.bundle import write_bundle
-    except ImportError:
-        return False
-    write_bundle(path)
-    return True
-
-
 def write_submission(vmx: str | Path, scheduler: Scheduler, out_dir: str | Path,
                      options: SubmitOptions | None = None, *,
                      bundle: bool = True) -> list[Path]:
     """Write ``OUT_DIR/<name>.sub`` (condor) or ``OUT_DIR/<name>.sbatch`` (slurm), plus the
-    runner bundle (``options.bundle``) when ``bundle`` and this vmbuild can build it.
-    Returns the files written, the submit file first."""
+    runner bundle (``options.bundle``) when ``bundle`` and no ``options.runner_command``
+    replaces it. The bundle is always writable (vmbuild.runner.bundle ships with vmbuild), so
+    a failure to write it is an error, never a quietly missing file. Returns the files
+    written, the submit file first."""
     if scheduler not in SCHEDULERS:
         raise SchedulerError(f"scheduler {scheduler!r}: expected condor or slurm")
     options = options or SubmitOptions()
@@ -56,7 +49,12 @@ def write_submission(vmx: str | Path, scheduler: Scheduler, out_dir: str | Path,
     bundle_path = Path(options.bundle)
     if not bundle_path.is_absolute():
         bundle_path = out / bundle_path
-    if bundle and options.runner_command is None and _write_bundle(bundle_path):
+    if bundle and options.runner_command is None:
+        try:
+            write_bundle(bundle_path)
+        except OSError as exc:
+            raise SchedulerError(f"cannot write the runner bundle {bundle_path}: "
+                                 f"{exc.strerror or exc}") from exc
         written.append(bundle_path)
     return written
 
