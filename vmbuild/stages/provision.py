@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,18 @@ from vmbuild.stages.packer import EVENT_MARKER
 from vmbuild.stages.playbook import PACKAGES_TASK
 
 HOST_KEY_ALIAS = "vmbuild-guest"
+
+#: ansible-playbook, made to die with the process that started it (PR_SET_PDEATHSIG):
+#: Packer kills its shell-local step outright when a build is interrupted, and the playbook
+#: must not go on provisioning a VM that is being torn down.
+TIED_PLAYBOOK = """\
+#!{python}
+import ctypes, os, signal, sys
+ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+if os.getppid() == 1:
+    sys.exit(130)
+os.execv({playbook!r}, [{playbook!r}, *sys.argv[1:]])
+"""
 
 
 def emit(kind: str, message: str, **data: Any) -> None:
@@ -93,8 +106,20 @@ def provision(spec_path: Path, host: str, port: str) -> int:
         "ANSIBLE_SSH_RETRIES": "3",
         "ANSIBLE_TIMEOUT": "60",
     }
+    # ansible-playbook runs on its own terminal (ansible-runner's pexpect), out of reach of
+    # the signals an interrupted build sends: it is tied to this process instead, and a
+    # signal that does reach this process asks ansible-runner to stop it.
+    stop: list[int] = []
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, lambda signum, _frame: stop.append(signum))
+    tied = private / "ansible-playbook"
+    tied.write_text(TIED_PLAYBOOK.format(python=sys.executable,
+                                         playbook=str(Path(venv_bin) / "ansible-playbook")))
+    tied.chmod(0o755)
     emit("start", "provisioning with Ansible (ansible-runner)")
     result = ansible_runner.run(
+        binary=str(tied),
+        cancel_callback=lambda: bool(stop),
         private_data_dir=str(private),
         playbook=spec["playbook"],
         inventory=inventory(spec, host, port),
@@ -103,6 +128,9 @@ def provision(spec_path: Path, host: str, port: str) -> int:
         quiet=True,
         json_mode=False,
     )
+    if stop:
+        emit("error", f"provisioning stopped by {signal.Signals(stop[0]).name}")
+        return 130
     if result.rc != 0 or result.status != "successful":
         if not handler.failed:
             emit("error", f"ansible-runner ended {result.status} (rc {result.rc})")
