@@ -97,7 +97,7 @@ def provision(spec_path: Path, host: str, port: str) -> int:
     handler = EventHandler(Path(spec["packages_out"]))
     venv_bin = str(Path(sys.executable).parent)
     env = {
-        "PATH": venv_bin + os.pathsep + os.environ.get("PATH", ""),
+        "PATH": os.pathsep.join([str(private / "bin"), venv_bin, os.environ.get("PATH", "")]),
         "ANSIBLE_NOCOLOR": "1",
         "ANSIBLE_RETRY_FILES_ENABLED": "0",
         "ANSIBLE_PIPELINING": "1",  # one SSH round trip a task: halves provisioning under TCG
@@ -112,13 +112,13 @@ def provision(spec_path: Path, host: str, port: str) -> int:
     stop: list[int] = []
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, lambda signum, _frame: stop.append(signum))
-    tied = private / "ansible-playbook"
+    tied = private / "bin" / "ansible-playbook"  # first on PATH: ansible-runner runs it
+    tied.parent.mkdir(exist_ok=True)
     tied.write_text(TIED_PLAYBOOK.format(python=sys.executable,
                                          playbook=str(Path(venv_bin) / "ansible-playbook")))
     tied.chmod(0o755)
     emit("start", "provisioning with Ansible (ansible-runner)")
     result = ansible_runner.run(
-        binary=str(tied),
         cancel_callback=lambda: bool(stop),
         private_data_dir=str(private),
         playbook=spec["playbook"],
