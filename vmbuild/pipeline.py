@@ -33,6 +33,8 @@ from vmbuild.tools import run_tool
 
 MANIFEST = "manifest.json"
 MIB = 1024 * 1024
+BUILD_BOOT_ATTEMPTS = 2  # a build VM whose boot hangs before SSH is booted once more
+SSH_TIMEOUT = "Timeout waiting for SSH"  # Packer's words when the guest never answered
 BUILD_MEMORY_MIB = 1024  # the build boot gets at least this much: apt and Ansible need it
 
 
@@ -171,8 +173,6 @@ def _app_stage(recipe: Recipe, base: BaseImage, work: Path,
         (keys / "known_hosts").write_text(f"vmbuild-guest {host_pub[0]} {host_pub[1]}\n")
 
         disk = work / "app-input.qcow2"
-        run_tool(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(base.disk),
-              str(disk)], "creating the build layer")
         ansible = work / "ansible"
         playbook = write_playbook(recipe, ansible / "project")
         spec = {
@@ -202,13 +202,26 @@ def _app_stage(recipe: Recipe, base: BaseImage, work: Path,
             ovmf=find_ovmf(),
         )
         template = write_template(job, version, work)
-        run = PackerRun(template, report)
-        run.validate()
-        try:
-            run.build()
-        except BuildError as exc:
-            tail = _tail(work / "build-console.log")
-            raise BuildError(f"{exc}\n  build console (last lines):\n    {tail}") from None
+        for attempt in range(1, BUILD_BOOT_ATTEMPTS + 1):
+            run_tool(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b",
+                      str(base.disk), str(disk)], "creating the build layer")
+            run = PackerRun(template, report)
+            run.validate()
+            try:
+                run.build()
+                break
+            except BuildError as exc:
+                tail = _tail(work / "build-console.log")
+                hung = any(SSH_TIMEOUT in error for error in run.errors)
+                if hung and not run.cancelled and attempt < BUILD_BOOT_ATTEMPTS:
+                    # A TCG guest very rarely stalls early in its boot (seen once in many
+                    # builds on 2-core machines): a fresh boot of the same disk goes through.
+                    last = tail.splitlines()[-1].strip() if tail else "-"
+                    report(Event("packer", "warning", "the build VM's boot hung before SSH "
+                                 f"(console ends: {last}); booting it again"))
+                    shutil.rmtree(job.output_dir, ignore_errors=True)
+                    continue
+                raise BuildError(f"{exc}\n  build console (last lines):\n    {tail}") from None
         produced = job.output_dir / f"{recipe.name}.qcow2"
         if not produced.is_file():
             raise BuildError(f"Packer finished but {produced} is missing")

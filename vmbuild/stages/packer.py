@@ -109,7 +109,7 @@ def _builder_settings(job: PackerJob) -> dict[str, Any]:
         "communicator": "ssh",
         "ssh_username": "root",
         "ssh_private_key_file": str(job.ssh_key),
-        "ssh_timeout": "20m",
+        "ssh_timeout": "8m",
         "boot_wait": "1s",
         "shutdown_command": "systemctl poweroff",
         "shutdown_timeout": "10m",
