@@ -124,3 +124,17 @@ def wait_gone(text: str, timeout: float = 15) -> list[int]:
         if not left or time.monotonic() > deadline:
             return left
         time.sleep(0.2)
+
+
+def settled_count(runner: Runner, quiet: float = 1.0, timeout: float = 120) -> int:
+    """How many numbers the runner has printed once none arrived for `quiet` seconds: output
+    the guest wrote before a pause may still be on its way when the pause is confirmed.
+    An event (silence) with a generous bound, not a fixed sleep."""
+    deadline = time.monotonic() + timeout
+    count, since = len(runner.numbers), time.monotonic()
+    while time.monotonic() - since < quiet:
+        assert time.monotonic() < deadline, f"output never settled: {runner.describe()}"
+        time.sleep(0.1)
+        if len(runner.numbers) != count:
+            count, since = len(runner.numbers), time.monotonic()
+    return count

@@ -19,26 +19,12 @@ import pytest
 
 from vmbuild.runner.bundle import write_bundle
 
-from .runner_harness import Runner, processes_mentioning, wait_gone
+from .runner_harness import Runner, processes_mentioning, settled_count, wait_gone
 
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="needs QEMU"),
 ]
-
-
-def settled_count(runner: Runner, quiet: float = 1.0, timeout: float = 120) -> int:
-    """How many numbers the runner has printed once none arrived for `quiet` seconds: output
-    the guest wrote before a pause may still be on its way when the pause is confirmed.
-    An event (silence) with a generous bound, not a fixed sleep."""
-    deadline = time.monotonic() + timeout
-    count, since = len(runner.numbers), time.monotonic()
-    while time.monotonic() - since < quiet:
-        assert time.monotonic() < deadline, f"output never settled: {runner.describe()}"
-        time.sleep(0.1)
-        if len(runner.numbers) != count:
-            count, since = len(runner.numbers), time.monotonic()
-    return count
 
 
 def control_events(workdir: Path) -> list[dict[str, object]]:

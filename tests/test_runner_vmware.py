@@ -28,7 +28,7 @@ import pytest
 
 from vmbuild.runner.vmx import load_vmx
 
-from .runner_harness import Runner
+from .runner_harness import Runner, settled_count
 
 STANDIN = Path(__file__).parent / "standin"
 
@@ -94,20 +94,6 @@ def running(env: dict[str, str]) -> list[str]:
     assert lines[0].startswith("Total running VMs: ")
     assert int(lines[0].split(":")[1]) == len(lines) - 1
     return lines[1:]
-
-
-def settled_count(runner: Runner, quiet: float = 1.0, timeout: float = 120) -> int:
-    """How many numbers the runner has printed once none arrived for `quiet` seconds: output
-    the guest wrote before a pause may still be on its way when the pause is confirmed.
-    An event (silence) with a generous bound, not a fixed sleep."""
-    deadline = time.monotonic() + timeout
-    count, since = len(runner.numbers), time.monotonic()
-    while time.monotonic() - since < quiet:
-        assert time.monotonic() < deadline, f"output never settled: {runner.describe()}"
-        time.sleep(0.1)
-        if len(runner.numbers) != count:
-            count, since = len(runner.numbers), time.monotonic()
-    return count
 
 
 def start(image: Path, work: Path, env: dict[str, str], *extra: str) -> Runner:
