@@ -30,6 +30,12 @@ def submit(
                        "as an extra --input. Repeat.")] = None,
     inputs: Annotated[list[Path] | None, typer.Option(
         "--input", help="A file or directory every job gets (runner --input). Repeat.")] = None,
+    env: Annotated[list[str] | None, typer.Option(
+        "--env", help="KEY=VALUE for the job's environment in the guest (runner --env). "
+                      "Repeat.")] = None,
+    chirp_interval: Annotated[str | None, typer.Option(
+        help="HTCondor: how often the runner puts the VM's CPU and memory use into the job "
+             "ad (runner --chirp-interval, e.g. 30s) [default: the runner's, 60s].")] = None,
     extra: Annotated[list[str] | None, typer.Option(
         "--extra", help="An extra line: 'key = value' (submit file) or 'key=value' (#SBATCH "
                         "option). Repeat.")] = None,
@@ -72,8 +78,12 @@ def submit(
             suspend_margin=margin, suspend_floor_s=min_suspend,
             memory_overhead_mib=memory_overhead, inputs=tuple(inputs or ()),
             item_inputs=tuple(item or ()), queue=queue, checkpoint_every=checkpoint_every,
+            job_env=tuple(env or ()), chirp_interval=chirp_interval,
             backend=backend, kill_sig=kill_sig, require_kvm=require_kvm,
             extra=tuple(extra or ()), time_limit=time, partition=partition, account=account)
+        bad_env = [pair for pair in env or () if "=" not in pair or pair.startswith("=")]
+        if bad_env:
+            raise SchedulerError(f"--env {bad_env[0]!r}: expected KEY=VALUE")
         if scheduler == "slurm" and (item or queue != 1):
             raise SchedulerError("--queue and --item are for HTCondor; use a job array or "
                                  "several scripts with Slurm")

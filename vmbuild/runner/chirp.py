@@ -11,10 +11,16 @@ Attributes written (``set_job_attr_delayed``: batched by the starter, no extra s
 round-trip): ``VmbuildGuestCpuSeconds``, ``VmbuildGuestCpuUsage`` (cores, over the last
 interval), ``VmbuildGuestResidentMiB``, ``VmbuildGuestMemoryMiB`` (configured),
 ``VmbuildGuestUpdated`` (Unix time).
+
+The interval between reports is ``vmbuild run --chirp-interval`` (default 60 s), passed to
+the reporter through ``$VMBUILD_CHIRP_INTERVAL`` so that a job ad shows the guest's load
+within seconds on a short job, and a long job does not talk to the starter more often than
+it needs to.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import socket
@@ -25,6 +31,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 _ESCAPE = re.compile(r"([\\ \n\t\r])")
+DEFAULT_INTERVAL = 60.0
+INTERVAL_ENV = "VMBUILD_CHIRP_INTERVAL"  # set by ``vmbuild run --chirp-interval``
+MIN_INTERVAL = 1.0  # the starter batches delayed updates; faster reports only cost CPU
+
+
+def default_interval(environ: dict[str, str] | None = None) -> float:
+    """Seconds between reports: ``$VMBUILD_CHIRP_INTERVAL`` when set and valid, else 60."""
+    env = os.environ if environ is None else environ
+    try:
+        value = float(env.get(INTERVAL_ENV, ""))
+    except ValueError:
+        return DEFAULT_INTERVAL
+    return max(MIN_INTERVAL, value) if math.isfinite(value) else DEFAULT_INTERVAL
 _LINE_MAX = 5 * 1024
 
 
@@ -133,11 +152,11 @@ class UsageReporter:
     """
 
     def __init__(self, pid: int | Callable[[], int | None], memory_mib: int,
-                 client: ChirpClient | None = None, interval: float = 60.0) -> None:
+                 client: ChirpClient | None = None, interval: float | None = None) -> None:
         self._pid = pid
         self.memory_mib = memory_mib
         self.client = client if client is not None else ChirpClient.from_env()
-        self.interval = interval
+        self.interval = default_interval() if interval is None else interval
         self.failures = 0
         self.reports = 0
         self._stop = threading.Event()

@@ -109,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--console", action="store_true",
                      help="QEMU: show the guest's console (kernel and boot messages) live on "
                           "stderr, as well as in console.log")
+    run.add_argument("--chirp-interval", default=None, metavar="DURATION",
+                     help="under HTCondor with +WantIOProxy: how often the VM's CPU and "
+                          "memory use go into the job ad (VmbuildGuest*; default 60s)")
     run.add_argument("--quiet", action="store_true",
                      help="do not copy the job's output to stdout (it is still in job.log)")
     bundle = sub.add_parser("bundle", help="write the runner as a single-file zipapp")
@@ -148,10 +151,27 @@ def options_from(ns: argparse.Namespace) -> RunOptions:
         on_resume_failure=ns.on_resume_failure)
 
 
+def _set_chirp_interval(value: str | None) -> None:
+    """Hand ``--chirp-interval`` to the usage reporter (vmbuild.runner.chirp reads
+    ``$VMBUILD_CHIRP_INTERVAL``; the core starts the reporter and needs no option of its own)."""
+    if value is None:
+        return
+    from .chirp import INTERVAL_ENV
+
+    try:
+        seconds = parse_duration(value)
+    except ValueError as exc:
+        raise RunnerError(f"--chirp-interval {value!r}: {exc}", EXIT_USAGE) from exc
+    if seconds <= 0:
+        raise RunnerError(f"--chirp-interval {value!r}: must be positive", EXIT_USAGE)
+    os.environ[INTERVAL_ENV] = str(seconds)
+
+
 def run_command(ns: argparse.Namespace) -> int:
     from .core import run_backend
 
     options = options_from(ns)
+    _set_chirp_interval(ns.chirp_interval)
     backend = ns.backend or default_backend()
     if backend == "qemu":
         from .qemu import QemuBackend

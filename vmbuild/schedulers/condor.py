@@ -107,6 +107,11 @@ def runner_argv(facts: ImageFacts, options: SubmitOptions, job_dir: str,
         argv += ["--backend", options.backend]
     for item in inputs:
         argv += ["--input", item]
+    for pair in options.job_env:
+        argv += ["--env", pair]
+    if options.chirp_interval:
+        # the first VmbuildGuest* report comes one interval after the VM starts
+        argv += ["--chirp-interval", options.chirp_interval]
     if options.checkpoint_every:
         # HTCondor saves a checkpoint only when the job exits with checkpoint_exit_code;
         # it then starts the runner again at once, which resumes from it.

@@ -41,6 +41,8 @@ class SubmitOptions:
     queue: int = 1  # jobs per item (condor)
     checkpoint_every: str | None = None  # runner --checkpoint-every DURATION
     backend: str | None = None  # runner --backend qemu|vmware; also narrows condor requirements
+    job_env: Sequence[str] = ()  # KEY=VALUE for the job in the guest (runner --env)
+    chirp_interval: str | None = None  # runner --chirp-interval (condor, +WantIOProxy)
     runner_args: Sequence[str] = ()  # appended to the runner command line
     bundle: str = BUNDLE_NAME  # the runner zipapp, relative to the output directory
     # --- HTCondor

@@ -162,6 +162,8 @@ def render_sbatch(vmx: str | Path, options: SubmitOptions | None = None, *,
         argv += ["--input", q(str(path))]
     if options.checkpoint_every:
         argv += ["--checkpoint-every", q(options.checkpoint_every)]
+    for pair in options.job_env:
+        argv += ["--env", q(pair)]
     argv += [q(a) for a in options.runner_args]
     cleanup = "" if options.keep_work else 'rm -rf -- "$work"'
 

@@ -1,0 +1,74 @@
+"""What a job image starts at boot, and what it leaves out (issue 9: a boot path with no waiting).
+
+A job VM boots once, runs one job and powers off, under TCG on many sites, so every unit a
+stock Debian starts costs the job's start time: logins, periodic maintenance, mounts for
+debugging, module loads a job never needs. This table is the one place that says what is
+left out and why; the app stage writes it into the guest for the seal to apply (`systemctl
+mask`, after provisioning, so nothing the application's own steps start is in the way), and
+the manifest lists it. Masked units are not removed from the disk; the network units stay
+when the recipe asks for a network (`job.network`) or for sshd (`guest.ssh`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vmbuild.recipe import Recipe
+
+# Where the seal finds the list in the guest (one unit a line; vmbuild's names only).
+LEFT_OUT_FILE = "/etc/vmbuild/boot-left-out"
+
+
+@dataclass(frozen=True)
+class LeftOut:
+    unit: str
+    why: str
+
+
+ALWAYS = (
+    LeftOut("getty.target", "no logins: the console is the runner's serial port "
+            "(`vmbuild run --shell` opens one itself)"),
+    LeftOut("timers.target", "no periodic maintenance (apt, fstrim, e2scrub, dpkg backups) in "
+            "a VM that lives for one job"),
+    LeftOut("systemd-random-seed.service", "the seed file of a throwaway layer is never reused; "
+            "the kernel seeds itself"),
+    LeftOut("systemd-journal-flush.service", "the journal is volatile (nothing to flush)"),
+    LeftOut("systemd-update-utmp.service", "no logins to record"),
+    LeftOut("systemd-update-utmp-runlevel.service", "no logins to record"),
+    LeftOut("systemd-pstore.service", "no firmware crash store in a VM"),
+    LeftOut("e2scrub_reap.service", "no LVM snapshots to reap"),
+    LeftOut("proc-sys-fs-binfmt_misc.automount", "no foreign binary formats"),
+    LeftOut("sys-kernel-debug.mount", "debugging filesystem, mountable by hand"),
+    LeftOut("sys-kernel-tracing.mount", "tracing filesystem, mountable by hand"),
+    LeftOut("sys-fs-fuse-connections.mount", "FUSE control filesystem (FUSE itself loads on "
+            "first use)"),
+    LeftOut("dev-hugepages.mount", "huge pages filesystem, mountable by hand"),
+    LeftOut("modprobe@drm.service", "no display"),
+    LeftOut("modprobe@efi_pstore.service", "no firmware crash store in a VM"),
+    LeftOut("modprobe@fuse.service", "the kernel loads it when /dev/fuse is first opened"),
+    LeftOut("modprobe@loop.service", "the kernel loads it when a loop device is first used"),
+    LeftOut("modprobe@dm_mod.service", "the kernel loads it when device-mapper is first used"),
+)
+
+NETWORK = (
+    LeftOut("systemd-networkd.service", "no network: job.network is false"),
+    LeftOut("systemd-networkd.socket", "no network: job.network is false"),
+    LeftOut("systemd-networkd-wait-online.service", "no network: job.network is false"),
+    LeftOut("systemd-network-generator.service", "no network: job.network is false"),
+    LeftOut("systemd-resolved.service", "no network: job.network is false"),
+)
+
+
+def left_out(recipe: Recipe) -> tuple[LeftOut, ...]:
+    """The units this recipe's image does not start. The network stays for `job.network`
+    and for `guest.ssh` (an sshd without a network would be useless)."""
+    keep_network = recipe.job.network or recipe.guest.ssh
+    return ALWAYS + (() if keep_network else NETWORK)
+
+
+def left_out_file(recipe: Recipe) -> bytes:
+    return "".join(item.unit + "\n" for item in left_out(recipe)).encode()
+
+
+def manifest_entry(recipe: Recipe) -> list[dict[str, str]]:
+    return [{"unit": item.unit, "why": item.why} for item in left_out(recipe)]
