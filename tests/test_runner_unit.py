@@ -18,6 +18,7 @@ from vmbuild.runner.bundle import write_bundle
 from vmbuild.runner.contract import (
     EXIT_CHECKPOINTED,
     EXIT_JOB_TIMEOUT,
+    EXIT_OUTPUTS_LOST,
     EXIT_VM_DIED,
     EXIT_VM_START_FAILED,
     JOB_OUTPUT_MARKER,
@@ -500,7 +501,7 @@ class _LosingBackend(FakeBackend):
 
     async def finish(self, status: int) -> int:  # type: ignore[override]
         self.calls.append(f"finish {status}")
-        return core.EXIT_OUTPUTS_LOST
+        return EXIT_OUTPUTS_LOST
 
 
 def test_drive_returns_the_status_finish_decides(tmp_path: Path) -> None:
@@ -519,7 +520,7 @@ def test_drive_returns_the_status_finish_decides(tmp_path: Path) -> None:
         return rc, backend
 
     rc, backend = asyncio.run(go())
-    assert rc == core.EXIT_OUTPUTS_LOST == 93
+    assert rc == EXIT_OUTPUTS_LOST == 93
     assert backend.calls == ["start", "finish 0"]
     assert backend.outcome is not None and backend.outcome.status == 93
     assert "93" in core.EXIT_CODES_HELP and "outputs" in core.EXIT_CODES_HELP
@@ -586,3 +587,179 @@ def test_outside_files_sees_links_climbs_serials_nvram_and_extents(tmp_path: Pat
     (fine / "disk.vmdk").write_text('# Disk DescriptorFile\nRW 16 FLAT "disk-flat.vmdk" 0\n')
     (fine / "x.vmx").write_text("".join(f'{k} = "{v}"\n' for k, v in VMX.items()))
     assert outside_files(fine / "x.vmx", load_vmx(fine / "x.vmx")) == []
+
+
+# ------------------------------------------------------------------ a full disk at a checkpoint
+
+
+def _saving_backend(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                    outcome: str) -> tuple[object, list[str]]:
+    """A QemuBackend with a published checkpoint 3, its QMP replaced by a recorder; the
+    migration ends with ``outcome`` ("completed", or "failed" after ``cat`` hit ENOSPC)."""
+    import asyncio
+    import os
+    import types
+
+    from vmbuild.runner import qemu
+
+    for name in ("base.qcow2", "l1.qcow2", "top.qcow2", "state-3.mig"):
+        (tmp_path / name).write_bytes(b"x")
+    wd = core.Workdir(tmp_path)
+    wd.publish({"sequence": 3, "disks": {"system": {
+        "layers": [{"file": "base.qcow2", "base": True}, {"file": "l1.qcow2"}], "size": 1}},
+        "state": "state-3.mig"})
+    options = core.RunOptions(vmx=tmp_path / "x.vmx", workdir=tmp_path, keep_base=True)
+    streams = core.JobStreams(tmp_path, quiet=True)
+    backend = qemu.QemuBackend(options, streams)
+    backend.info = vmx_info(VMX)
+    backend.manifest = wd.load_manifest()
+    assert backend.manifest is not None
+    backend.chains = {d: {"layers": list(c["layers"]), "size": c["size"]}
+                      for d, c in backend.manifest["disks"].items()}
+    backend.state_file = "state-3.mig"
+    backend.tops = {"system": "top.qcow2"}
+    backend.top_nodes = {"system": "system-2"}
+    backend.node_count = {"system": 3}
+    calls: list[str] = []
+
+    async def cmd(name: str, **args: object) -> None:
+        calls.append(name)
+        if name == "migrate":  # `cat > FILE` writes part of the state, then fails
+            path = str(args["uri"]).split("> ", 1)[1].strip("'")
+            Path(path).write_bytes(b"partial")
+
+    async def done() -> str:
+        return outcome
+
+    async def quit_() -> None:
+        calls.append("quit")
+        backend.exited.set()
+
+    def layer(workdir: Path, name: str, backing: str, size: int) -> None:
+        (workdir / name).write_bytes(b"layer over " + backing.encode())
+
+    monkeypatch.setattr(backend, "_cmd", cmd)
+    monkeypatch.setattr(backend, "_migration_done", done)
+    monkeypatch.setattr(backend, "_quit", quit_)
+    monkeypatch.setattr(qemu, "create_layer", layer)
+    if outcome != "completed":  # `cat` stopped when the filesystem had no space left
+        monkeypatch.setattr(os, "statvfs",
+                            lambda path: types.SimpleNamespace(f_bavail=3, f_frsize=4096))
+    del asyncio
+    return backend, calls
+
+
+def test_full_disk_during_a_checkpoint_keeps_the_previous_one(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capfd: pytest.CaptureFixture[str]) -> None:
+    """Checkpoint-and-exit on a full work directory: the published manifest (3) and its
+    files stand untouched, the partial state file is gone, the VM is stopped, and the
+    runner says which checkpoint the next run resumes."""
+    import asyncio
+
+    from vmbuild.runner import qemu
+
+    backend, calls = _saving_backend(tmp_path, monkeypatch, "failed")
+    assert isinstance(backend, qemu.QemuBackend)
+    before = (tmp_path / core.MANIFEST).read_bytes()
+    asyncio.run(backend.checkpoint(leave=True))
+    assert calls == ["stop", "migrate", "quit"]
+    assert (tmp_path / core.MANIFEST).read_bytes() == before
+    assert sorted(p.name for p in tmp_path.glob("state-*.mig")) == ["state-3.mig"]
+    assert not backend.checkpointed
+    failure = backend.checkpoint_failure or ""
+    assert "checkpoint 4 not saved" in failure and "filesystem is full" in failure
+    assert "previous checkpoint (3) is kept" in failure
+    assert "checkpoint 4 not saved" in capfd.readouterr().err
+    loaded = core.Workdir(tmp_path).load_manifest()
+    assert loaded is not None and loaded["sequence"] == 3
+
+
+def test_full_disk_during_a_periodic_checkpoint_goes_on(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A periodic save that fails lets the VM continue; the layer it froze meanwhile stays
+    in the chain, so the next save that works names it (no torn chain)."""
+    import asyncio
+
+    from vmbuild.runner import qemu
+
+    backend, calls = _saving_backend(tmp_path, monkeypatch, "failed")
+    assert isinstance(backend, qemu.QemuBackend)
+    asyncio.run(backend.checkpoint(leave=False))
+    assert calls == ["stop", "blockdev-add", "blockdev-snapshot", "migrate", "cont"]
+    assert backend.checkpoint_failure and "previous checkpoint (3)" in \
+        backend.checkpoint_failure
+    assert [x["file"] for x in backend.chains["system"]["layers"]] == \
+        ["base.qcow2", "l1.qcow2", "top.qcow2"]
+    assert json.loads((tmp_path / core.MANIFEST).read_text())["sequence"] == 3
+
+    monkeypatch.setattr(backend, "_migration_done",
+                        lambda: asyncio.sleep(0, result="completed"))
+    calls.clear()
+    asyncio.run(backend.checkpoint(leave=False))
+    assert backend.checkpoint_failure is None and backend.checkpointed
+    published = core.Workdir(tmp_path).load_manifest()
+    assert published is not None and published["sequence"] == 4
+    layers = [x["file"] for x in published["disks"]["system"]["layers"]]
+    assert layers[:3] == ["base.qcow2", "l1.qcow2", "top.qcow2"] and len(layers) == 4
+    assert not (tmp_path / "state-3.mig").exists()  # the old state went with its manifest
+
+
+def test_manifest_write_on_a_full_filesystem_leaves_the_old_one(tmp_path: Path) -> None:
+    """A real ENOSPC (a 1 MiB tmpfs in a private user and mount namespace, no root): the
+    manifest's publication fails cleanly, the previous manifest stands, no temporary file
+    is left behind."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    code = (
+        "import errno, json, os, sys\n"
+        "from pathlib import Path\n"
+        "from vmbuild.runner import core\n"
+        "d = Path(sys.argv[1])\n"
+        "(d / 's1.mig').write_bytes(b'x')\n"
+        "wd = core.Workdir(d)\n"
+        "wd.publish({'sequence': 1, 'disks': {}, 'state': 's1.mig'})\n"
+        "fd = os.open(d / 'fill', os.O_WRONLY | os.O_CREAT)\n"
+        "try:\n"
+        "    while True:\n"
+        "        os.write(fd, b'\\0' * 4096)\n"
+        "except OSError as exc:\n"
+        "    assert exc.errno == errno.ENOSPC\n"
+        "os.close(fd)\n"
+        "try:\n"
+        "    wd.publish({'sequence': 2, 'disks': {}, 'state': 's1.mig',\n"
+        "                'events': ['x' * 100000]})\n"
+        "except OSError as exc:\n"
+        "    assert exc.errno == errno.ENOSPC, exc\n"
+        "else:\n"
+        "    raise SystemExit('published on a full filesystem')\n"
+        "assert wd.load_manifest()['sequence'] == 1\n"
+        "assert not [p for p in os.listdir(d) if p.endswith('.tmp')], os.listdir(d)\n"
+        "print('ok')\n")
+    script = 'mount -t tmpfs -o size=1m vmbuild-test "$1" && exec "$2" -c "$3" "$1"'
+    proc = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c",
+                           script, "sh", str(mnt), sys.executable, code],
+                          capture_output=True, text=True, check=False,
+                          env={"PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+                               "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0 and proc.stdout == "ok\n", proc.stdout + proc.stderr
+
+
+def test_drive_exits_85_when_the_checkpoint_could_not_be_saved(
+        tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """The work directory still resumes (the previous checkpoint), so a scheduler should run
+    the job again: exit 85, and the log does not claim a new checkpoint."""
+    import asyncio
+    import os
+
+    async def script(b: core.Backend) -> None:
+        _guest_says(b, {"event": "started"})
+        b.checkpoint_failure = "checkpoint 4 not saved (full); the previous checkpoint " \
+            "(3) is kept and the next run resumes from it"
+        await asyncio.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+    rc, backend, _ = _drive(tmp_path, script)
+    assert rc == EXIT_CHECKPOINTED and backend.calls[-1] == "checkpoint-leave"
+    err = capfd.readouterr().err
+    assert "exiting without a new checkpoint" in err and "checkpoint published" not in err

@@ -63,10 +63,12 @@ EXIT_CODES_HELP = f"""\
 exit status:
   N    the job's own exit status (the guest's job wrapper reports it on COM3)
   {EXIT_CHECKPOINTED}   the VM was checkpointed to the work directory and the runner left
-       (the checkpoint exit code, --checkpoint-exit-code); run again to resume
+       (the checkpoint exit code, --checkpoint-exit-code); run again to resume.
+       Also when the save failed (a full disk): the previous checkpoint is kept
   {EXIT_VM_START_FAILED}   the VM failed to start (or to resume from its checkpoint)
   {EXIT_JOB_TIMEOUT}   the job timed out (--timeout, or the image's own job timeout)
-  {EXIT_VM_DIED}   the VM stopped without reporting a job status (crash, poweroff, kill)
+  {EXIT_VM_DIED}   the VM stopped without reporting a job status (crash, poweroff, kill);
+       if QEMU died after a checkpoint, that checkpoint is kept: run again to resume
   {EXIT_OUTPUTS_LOST}   the job finished but its outputs could not be returned to --output-dir
        (unreadable or crafted output filesystem, over the size limit); see result.json
   2    usage error
@@ -220,11 +222,16 @@ def fsync_path(path: Path) -> None:
 def write_atomic(path: Path, data: bytes) -> None:
     """Write ``path`` so that a crash leaves the old content or the new, never a mix."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # e.g. ENOSPC: the old file stands, no partial copy is left
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
     fsync_path(path.parent)
 
 
@@ -444,6 +451,9 @@ class Backend:
         self.streams = streams
         self.exited = asyncio.Event()  # the VM is gone (powered off, crashed, quit)
         self.checkpointed = False  # a checkpoint was published by this run
+        # Why the last save failed (a full work directory...), None after a published one:
+        # the previous checkpoint is then what the work directory resumes from.
+        self.checkpoint_failure: str | None = None
         self.elapsed_before = 0.0  # run time of the job before this run (from a checkpoint)
         self.vm_error: str | None = None  # the hypervisor failed (not a guest power-off)
         self.stop_reason: str | None = None  # a STOP_REASONS key, once the VM is gone
@@ -649,7 +659,12 @@ async def _drive(backend: Backend, options: RunOptions, install_signals: bool) -
                         raise
                     if backend.exited.is_set() and backend.streams.finished.is_set():
                         break  # nothing was saved: the job had ended (see checkpoint())
-                    log("checkpoint published; exiting")
+                    if backend.checkpoint_failure is not None:
+                        # The VM is stopped, the work directory holds the previous
+                        # checkpoint (or none): running again resumes it (or starts afresh).
+                        log("exiting without a new checkpoint (see above)")
+                    else:
+                        log("checkpoint published; exiting")
                     return options.checkpoint_exit_code
                 if sig in plan.stop:
                     log(f"{sig.name}: stopping the VM without a checkpoint")
@@ -702,8 +717,11 @@ async def _drive(backend: Backend, options: RunOptions, install_signals: bool) -
                     except RunnerError:
                         if not backend.exited.is_set():
                             raise
-                    if leave and backend.checkpointed and not backend.streams.finished.is_set():
-                        log("periodic checkpoint published; exiting (--exit-after-checkpoint)")
+                    if leave and not backend.streams.finished.is_set() and (
+                            backend.checkpointed or backend.checkpoint_failure is not None):
+                        log("periodic checkpoint published; exiting (--exit-after-checkpoint)"
+                            if backend.checkpoint_failure is None else
+                            "exiting without a new checkpoint (see above)")
                         return options.checkpoint_exit_code
                     if backend.exited.is_set():
                         break

@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import ctypes
 import ctypes.util
+import errno
 import json
 import os
 import shlex
@@ -177,6 +178,7 @@ class QemuBackend(Backend):
         self.quitting = False
         self.pumps: list[asyncio.Task[None]] = []
         self.watcher: asyncio.Task[None] | None = None
+        self.free_at_failure: int | None = None  # bytes free when a save failed
 
     # ---------------------------------------------------------------- preparation
 
@@ -505,6 +507,48 @@ class QemuBackend(Backend):
         sequence = (self.manifest or {}).get("sequence", 0) + 1
         log(f"saving checkpoint {sequence}")
         await asyncio.sleep(0.05)  # let the control pump take what the guest sent before
+        try:
+            manifest = await self._save(sequence, leave)
+        except (RunnerError, OSError) as exc:
+            # A full work directory (the state file is the big write) or a failed save:
+            # the published manifest was never touched, so the previous checkpoint stands.
+            self.checkpoint_failure = self._save_failed(sequence, exc)
+            log(self.checkpoint_failure)
+            if leave:
+                await self._quit()
+                self._drop_bases()
+            elif not self.exited.is_set():
+                await self._cmd("cont")  # a periodic save: the job goes on, tries again
+            return
+        self.checkpoint_failure = None
+        size = sum((self.wd.path / n).stat().st_size for n in manifest_files(manifest))
+        log(f"checkpoint {sequence} published in {time.monotonic() - t0:.1f}s "
+            f"({size / 1048576:.0f} MiB in the work directory)")
+        if leave:
+            await self._quit()
+            self._drop_bases()
+        else:
+            await self._cmd("cont")
+
+    def _save_failed(self, sequence: int, exc: BaseException) -> str:
+        """The line that says a save failed and what the work directory still holds."""
+        why = str(exc)
+        free = self.free_at_failure
+        self.free_at_failure = None
+        full = (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) or \
+            (free is not None and free < (1 << 20))
+        if full:
+            why = f"the work directory's filesystem is full: {why}"
+        kept = (self.manifest or {}).get("sequence")
+        after = (f"the previous checkpoint ({kept}) is kept and the next run resumes from it"
+                 if kept else "there is no earlier checkpoint: the next run starts the job "
+                 "afresh")
+        return f"checkpoint {sequence} not saved ({why}); {after}"
+
+    async def _save(self, sequence: int, leave: bool) -> dict[str, Any]:
+        """Freeze the disks, save the VM state, publish the manifest; returns it. On an
+        error nothing is published and the new state file is gone; layers frozen meanwhile
+        stay in the chains (QEMU's chain holds them now: a later checkpoint names them)."""
         frozen = {d: self.tops[d] for d in self.chains}
         if not leave:
             for disk, chain in self.chains.items():
@@ -520,46 +564,50 @@ class QemuBackend(Backend):
                 await self._cmd("blockdev-snapshot", node=self.top_nodes[disk], overlay=node)
                 self.top_nodes[disk] = node
                 self.tops[disk] = new
+                chain["layers"].append({"file": frozen[disk]})
         state = self.wd.unique("state", ".mig")
-        self.migration = asyncio.get_running_loop().create_future()
-        await self._cmd("migrate",
-                        uri="exec:cat > " + shlex.quote(str(self.wd.path / state)))
-        status = await self._migration_done()
-        if status != "completed":
+        try:
+            self.migration = asyncio.get_running_loop().create_future()
+            await self._cmd("migrate",
+                            uri="exec:cat > " + shlex.quote(str(self.wd.path / state)))
+            status = await self._migration_done()
+            if status != "completed":
+                raise RunnerError(f"saving the VM state failed ({status})")
+            chains = {d: {"layers": list(c["layers"]) + ([{"file": frozen[d]}] if leave
+                                                          else []),
+                          "size": c["size"]} for d, c in self.chains.items()}
+            manifest = {
+                "sequence": sequence,
+                "backend": "qemu",
+                "state": state,
+                "disks": chains,
+                "events": self.streams.report.events,
+                "boot_id": self.streams.boot_id,
+                "elapsed": self.elapsed_before + time.monotonic() - self.started_at,
+                "memory_mib": self.info.memory_mib,
+                "accel": self.accel,
+                "vmx": self.options.vmx.name,
+            }
+            await asyncio.to_thread(self.wd.publish, manifest)
+        except BaseException:
+            # QEMU's `cat > FILE` reports no errno (its stderr is not kept): a full
+            # filesystem shows as (almost) no space left next to the partial state file.
+            with contextlib.suppress(OSError):
+                st = os.statvfs(self.wd.path)
+                self.free_at_failure = st.f_bavail * st.f_frsize
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.wd.path / state)
-            raise RunnerError(f"saving the VM state failed ({status})")
+            raise
         previous_state = self.state_file
-        for disk, chain in self.chains.items():
-            chain["layers"].append({"file": frozen[disk]})
+        self.chains = chains
         self.state_file = state
         self.checkpoints += 1
         self.checkpointed = True
-        manifest = {
-            "sequence": sequence,
-            "backend": "qemu",
-            "state": state,
-            "disks": self.chains,
-            "events": self.streams.report.events,
-            "boot_id": self.streams.boot_id,
-            "elapsed": self.elapsed_before + time.monotonic() - self.started_at,
-            "memory_mib": self.info.memory_mib,
-            "accel": self.accel,
-            "vmx": self.options.vmx.name,
-        }
-        await asyncio.to_thread(self.wd.publish, manifest)
         self.manifest = manifest
         if previous_state and previous_state != state:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.wd.path / previous_state)
-        size = sum((self.wd.path / n).stat().st_size for n in manifest_files(manifest))
-        log(f"checkpoint {sequence} published in {time.monotonic() - t0:.1f}s "
-            f"({size / 1048576:.0f} MiB in the work directory)")
-        if leave:
-            await self._quit()
-            self._drop_bases()
-        else:
-            await self._cmd("cont")
+        return manifest
 
     async def _quit(self) -> None:
         self.quitting = True
@@ -593,6 +641,18 @@ class QemuBackend(Backend):
             return False
 
     async def finish(self, status: int) -> int:
+        if self.vm_error and self.manifest is not None and not self.streams.finished.is_set():
+            # QEMU itself died (killed, crashed), not the guest: the last published
+            # checkpoint is intact and is not this boot's end. Keep it, so that running
+            # again resumes it instead of throwing the job's progress away.
+            kept = self.manifest.get("sequence")
+            log(f"checkpoint {kept} is kept: run again on {self.wd.path} to resume from it "
+                "(what the job did after it is lost)")
+            result = {"status": status, "job_status": None, "checkpoint_kept": kept,
+                      "vm_error": self.vm_error, "finished": time.time()}
+            (self.wd.path / "result.json").write_text(json.dumps(result, indent=1) + "\n")
+            self._drop_bases()
+            return status
         disk = self.wd.path / self.tops["output"] if "output" in self.tops else None
         final = await self.deliver(status, disk, self.wd.path)
         self.wd.retire()
