@@ -72,8 +72,11 @@ def test_client_from_env(tmp_path: Path, server: FakeChirpServer) -> None:
     client = ChirpClient.from_env({"_CONDOR_CHIRP_CONFIG": str(config)})
     assert client is not None and client.port == server.port
     client.set_job_attrs({"VmbuildNote": '"two words"', "VmbuildN": "3"})
-    assert server.lines == ["cookie s3cr3t", 'set_job_attr_delayed VmbuildNote "two\\ words"',
-                            "set_job_attr_delayed VmbuildN 3"]
+    assert server.lines == ["cookie s3cr3t", 'set_job_attr VmbuildNote "two\\ words"',
+                            "set_job_attr VmbuildN 3"]
+    server.lines.clear()
+    client.set_job_attrs({"ChirpVmbuildN": "4"}, delayed=True)
+    assert server.lines == ["cookie s3cr3t", "set_job_attr_delayed ChirpVmbuildN 4"]
 
 
 def test_wrong_cookie_or_no_server_raises(server: FakeChirpServer) -> None:
@@ -90,7 +93,7 @@ def test_same_wire_format_as_htchirp(server: FakeChirpServer) -> None:
     htchirp = pytest.importorskip("htcondor2.htchirp")
     value = '"a b\\c"'
     with htchirp.HTChirp(host="127.0.0.1", port=server.port, cookie=COOKIE) as chirp:
-        chirp.set_job_attr_delayed("VmbuildX", value)
+        chirp.set_job_attr("VmbuildX", value)
     theirs = [line for line in server.lines if line.startswith("set_job_attr")]
     server.lines.clear()
     ChirpClient("127.0.0.1", server.port, COOKIE).set_job_attrs({"VmbuildX": value})
@@ -103,7 +106,7 @@ def _reported(server: FakeChirpServer, name: str) -> list[str]:
     """Every value the server received for attribute `name`, in order."""
     values = []
     for line in list(server.lines):
-        if line.startswith(f"set_job_attr_delayed {name} "):
+        if line.startswith(f"set_job_attr {name} "):
             values.append(line.split(" ", 2)[2])
     return values
 

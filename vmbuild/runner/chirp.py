@@ -7,10 +7,19 @@ is not in it, and even QEMU's use is better labelled as the guest's. When the jo
 protocol the runner needs (the same wire format as ``htcondor2.htchirp``), with the standard
 library only, since it ships in the runner bundle.
 
-Attributes written (``set_job_attr_delayed``: batched by the starter, no extra shadow
-round-trip): ``VmbuildGuestCpuSeconds``, ``VmbuildGuestCpuUsage`` (cores, over the last
-interval), ``VmbuildGuestResidentMiB``, ``VmbuildGuestMemoryMiB`` (configured),
-``VmbuildGuestUpdated`` (Unix time).
+Attributes written: ``VmbuildGuestCpuSeconds``, ``VmbuildGuestCpuUsage`` (cores, over the
+last interval), ``VmbuildGuestResidentMiB``, ``VmbuildGuestMemoryMiB`` (configured),
+``VmbuildGuestUpdated`` (Unix time). They go with ``set_job_attr`` (through the shadow into the
+schedd's job ad), not ``set_job_attr_delayed``: HTCondor 25.0's starter accepts a delayed update
+only for names matching ``CHIRP_DELAYED_UPDATE_PREFIX`` (default ``Chirp*``) and drops any other
+while still answering 0 ("Got an invalid prefix for updates" in the StarterLog; seen on a real
+pool, tests/test_condor_pool.py). One shadow update per attribute per interval is cheap at the
+default interval.
+
+This client, not PyPI's ``htchirp``: both were tried against the real 25.0 starter and both set
+attributes; ``htchirp`` (1,600 lines for the whole Chirp file API) opens an extra connection in
+its constructor to test authentication and prints to stdout (the job's output stream) when its
+config file cannot be read, and would add a second package to the bundle for two commands.
 
 The interval between reports is ``vmbuild run --chirp-interval`` (default 60 s), passed to
 the reporter through ``$VMBUILD_CHIRP_INTERVAL`` so that a job ad shows the guest's load
@@ -33,7 +42,7 @@ from pathlib import Path
 _ESCAPE = re.compile(r"([\\ \n\t\r])")
 DEFAULT_INTERVAL = 60.0
 INTERVAL_ENV = "VMBUILD_CHIRP_INTERVAL"  # set by ``vmbuild run --chirp-interval``
-MIN_INTERVAL = 1.0  # the starter batches delayed updates; faster reports only cost CPU
+MIN_INTERVAL = 1.0  # each report is a shadow update: no faster than that
 
 
 def default_interval(environ: dict[str, str] | None = None) -> float:
@@ -93,8 +102,12 @@ class ChirpClient:
             raise ChirpError(f"chirp {line.split()[0]} failed with status {text}")
         return text
 
-    def set_job_attrs(self, attrs: dict[str, str], delayed: bool = True) -> None:
-        """Set job attributes to ClassAd expressions (one connection for all of them)."""
+    def set_job_attrs(self, attrs: dict[str, str], delayed: bool = False) -> None:
+        """Set job attributes to ClassAd expressions (one connection for all of them).
+
+        ``delayed`` batches the update in the starter, but the starter only keeps delayed
+        updates of names with the pool's ``CHIRP_DELAYED_UPDATE_PREFIX`` (default ``Chirp*``)
+        and silently drops the rest: use it only for such names."""
         verb = "set_job_attr_delayed" if delayed else "set_job_attr"
         try:
             with socket.create_connection((self.host, self.port), self.timeout) as sock:
