@@ -763,3 +763,32 @@ def test_drive_exits_85_when_the_checkpoint_could_not_be_saved(
     assert rc == EXIT_CHECKPOINTED and backend.calls[-1] == "checkpoint-leave"
     err = capfd.readouterr().err
     assert "exiting without a new checkpoint" in err and "checkpoint published" not in err
+
+
+def test_checkpoint_signals_after_the_run_do_not_kill_the_runner(tmp_path: Path) -> None:
+    """A storm of SIGUSR1 (a scheduler repeating its soft kill) that outlasts the checkpoint
+    must not end the runner by the signal's default action instead of exit 85: the runner's
+    own process ignores the checkpoint signals once its run is over (run_backend)."""
+    code = (
+        "import asyncio, os, signal, sys\n"
+        "from pathlib import Path\n"
+        "from vmbuild.runner import core\n"
+        "class Saving(core.Backend):\n"
+        "    async def start(self): os.kill(os.getpid(), signal.SIGUSR1)\n"
+        "    async def checkpoint(self, leave):\n"
+        "        self.checkpointed = True\n"
+        "        self.exited.set()\n"
+        "    async def close(self):\n"
+        "        for _ in range(5):  # the storm goes on while the runner leaves\n"
+        "            os.kill(os.getpid(), signal.SIGUSR1)\n"
+        "            os.kill(os.getpid(), signal.SIGQUIT)\n"
+        "        await asyncio.sleep(0)\n"
+        "work = Path(sys.argv[1])\n"
+        "options = core.RunOptions(vmx=work.parent / 'x.vmx', workdir=work)\n"
+        "rc = core.run_backend(Saving, options)\n"
+        "os.kill(os.getpid(), signal.SIGUSR1)\n"
+        "sys.exit(rc)\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "work")],
+                          capture_output=True, text=True, check=False,
+                          env={"PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert proc.returncode == EXIT_CHECKPOINTED, proc.stderr

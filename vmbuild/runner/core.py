@@ -577,19 +577,24 @@ def set_log_sink(sink: Callable[[str], None]) -> Callable[[str], None]:
 
 
 async def drive(backend: Backend, options: RunOptions,
-                install_signals: bool = True) -> int:
+                install_signals: bool = True, ignore_after: bool = False) -> int:
     """Run the VM to the end of the job, a checkpoint-and-exit, a timeout or a failure.
 
     The exit status is returned; how the run ended in more detail is left in
-    ``backend.outcome``."""
-    status = await _drive(backend, options, install_signals)
+    ``backend.outcome``. ``ignore_after`` (the runner's own process): once the run is over,
+    the checkpoint and pause signals are ignored rather than given back their default
+    action, so a scheduler's repeated soft kill (or a storm of them) arriving while the
+    runner leaves cannot kill it with the signal instead of its exit status (seen in
+    bench/soak.py: SIGUSR1 right after a published checkpoint ended the runner with -10)."""
+    status = await _drive(backend, options, install_signals, ignore_after)
     if backend.outcome is None:
         backend.outcome = RunOutcome(status, backend.stop_reason)
     backend.outcome.status = status
     return status
 
 
-async def _drive(backend: Backend, options: RunOptions, install_signals: bool) -> int:
+async def _drive(backend: Backend, options: RunOptions, install_signals: bool,
+                 ignore_after: bool = False) -> int:
     loop = asyncio.get_running_loop()
     plan = signal_plan(options.checkpoint_signals)
     requests: asyncio.Queue[signal.Signals] = asyncio.Queue()
@@ -747,6 +752,9 @@ async def _drive(backend: Backend, options: RunOptions, install_signals: bool) -
         if install_signals:
             for sig in handled:
                 loop.remove_signal_handler(sig)
+                if ignore_after and (sig in plan.checkpoint or sig == plan.pause) and \
+                        sig != signal.SIGINT:
+                    signal.signal(sig, signal.SIG_IGN)
         await backend.close()
 
 
@@ -777,7 +785,7 @@ def run_backend(factory: Callable[[RunOptions, JobStreams], Backend], options: R
         streams = JobStreams(options.workdir, quiet=options.quiet, known_events=known_events)
         try:
             backend = factory(options, streams)
-            return await drive(backend, options)
+            return await drive(backend, options, ignore_after=True)
         finally:
             streams.close()
             lock.close()
