@@ -371,3 +371,102 @@ def test_deliver_ends_with_93_on_an_unreadable_disk(tmp_path: Path) -> None:
 def test_deliver_without_output_dir_disk_is_not_a_failure(tmp_path: Path) -> None:
     final, result = _deliver(tmp_path, None, status=7)
     assert final == 7 and result["status"] == 7 and "outputs" not in result
+
+
+# ------------------------------------------------------------------ a real guest does it
+
+
+#: Run as the job (root) in the hello image, instead of its own command: the guest owns its
+#: output disk byte for byte, so it mounts the disk itself and leaves every hostile kind of
+#: entry on it, beside what the job wrapper then copies. Names are made with printf so
+#: that the control characters reach the filesystem.
+HOSTILE_JOB = r"""
+set -eu
+dev=$(blkid -L VMBOUTPUT)
+mkdir -p /mnt/evil
+mount "$dev" /mnt/evil
+cd /mnt/evil
+echo 42 > result.txt
+ln -s /etc/passwd passwd
+mkdir -p sub
+ln -s ../../etc/shadow sub/climb
+ln -s ../result.txt sub/ok-up
+mknod chardev c 1 3
+mknod blockdev b 8 0
+mkfifo fifo
+printf '#!/bin/sh\n' > setuid
+chmod 6755 setuid
+truncate -s 20G huge.img
+printf x > "$(printf 'bell\007name')"
+printf x > "$(printf 'esc\033[2Jname')"
+cd /
+umount /mnt/evil
+echo hostile entries written
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/usr/bin/qemu-system-x86_64").exists(), reason="needs QEMU")
+def test_a_booted_guest_writing_hostile_outputs(
+        hello_vmx: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """Issue 11's acceptance: a real guest's job writes a link to /etc/passwd, a ``../..``
+    link, device nodes, a FIFO, a setuid file, a 20 GiB sparse file on a 64 MiB output disk
+    and names with control characters. Nothing lands outside --output-dir, nothing special
+    or setuid lands inside, the sparse file fills nothing, and the run ends 93 (outputs not
+    all returned: the sparse file is over the disk's size) listing what was dropped, in
+    result.json and on stderr."""
+    from vmbuild.runner.qemu import QemuBackend
+
+    out = tmp_path / "results"
+    work = tmp_path / "work"
+    beside = tmp_path / "beside"  # where a ../.. link out of the results would point
+    beside.mkdir()
+    options = core.RunOptions(vmx=hello_vmx, workdir=work, output_dir=out, output_size_mib=64,
+                              command=["/bin/sh", "-c", HOSTILE_JOB], quiet=True)
+
+    async def run() -> int:
+        work.mkdir()
+        streams = core.JobStreams(work, quiet=True)
+        try:
+            return await core.drive(QemuBackend(options, streams), options,
+                                    install_signals=False)
+        finally:
+            streams.close()
+
+    before = sorted(p.name for p in tmp_path.iterdir())
+    passwd = Path("/etc/passwd").read_bytes()
+    rc = asyncio.run(run())
+    err = capfd.readouterr().err
+    job = (work / "job.log").read_text(errors="replace")
+    assert "hostile entries written" in job, job + err
+    assert rc == EXIT_OUTPUTS_LOST, err
+
+    result = json.loads((work / core.RESULT).read_text())
+    assert result["status"] == EXIT_OUTPUTS_LOST and result["job_status"] == 0
+    reasons = {d["path"]: d["reason"] for d in result["dropped"]}
+    assert "absolute link" in reasons["passwd"]
+    assert "outside the output directory" in reasons["sub/climb"]
+    assert reasons["chardev"] == "a character device"
+    assert reasons["blockdev"] == "a block device"
+    assert reasons["fifo"] == "a FIFO"
+    assert "control character" in reasons["bell\\x07name"]
+    assert "control character" in reasons["esc\\x1b[2Jname"]
+    assert "setuid" in reasons["setuid"]  # returned, its bits cleared
+    assert "huge.img" in reasons
+    assert any("huge.img" in p and "limit" in p for p in result["outputs"]["problems"])
+    for name in ("passwd", "sub/climb", "chardev", "blockdev", "fifo", "huge.img"):
+        assert f"output {name!r} dropped" in err, (name, err)
+    assert "exit 93" in err and "\x1b" not in err
+
+    # on the host: only plain files, directories and inside links, owned by us, no setuid
+    _assert_contained(out)
+    assert (out / "result.txt").read_text() == "42\n"
+    assert (out / "sub" / "ok-up").read_text() == "42\n"
+    assert stat.S_IMODE((out / "setuid").stat().st_mode) == 0o755
+    for gone in ("passwd", "sub/climb", "chardev", "blockdev", "fifo", "huge.img"):
+        assert not os.path.lexists(out / gone), gone
+    assert sum(st.st_blocks * 512 for st in _tree(out).values()) < 1 * MIB
+    # nothing beside the output and work directories; the host's files untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted({*before, "results", "work"})
+    assert list(beside.iterdir()) == []
+    assert Path("/etc/passwd").read_bytes() == passwd
