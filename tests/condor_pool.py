@@ -27,7 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -154,10 +154,14 @@ class CondorPool:
         out = self.run("condor_history", str(cluster), "-af:t", *attrs).stdout
         return [line.split("\t") for line in out.splitlines() if line.strip()]
 
-    def wait_done(self, cluster: int, timeout: float) -> None:
-        """Until no job of ``cluster`` is left in the queue (held jobs fail the wait)."""
+    def wait_done(self, cluster: int, timeout: float,
+                  on_poll: Callable[[], object] | None = None) -> None:
+        """Until no job of ``cluster`` is left in the queue (held jobs fail the wait);
+        ``on_poll`` is called at every look (to watch the spool, say)."""
         deadline = time.monotonic() + timeout
         while True:
+            if on_poll is not None:
+                on_poll()
             rows = self.q(cluster, "ProcId", "JobStatus", "HoldReason")
             if not rows:
                 return
@@ -187,6 +191,17 @@ class CondorPool:
             tail = path.read_text(errors="replace").splitlines()[-lines:]
             parts.append(f"--- {path.name}\n" + "\n".join(tail))
         return "\n".join(parts)
+
+    def spool_bytes(self, cluster: int, proc: int = 0) -> int:
+        """What the schedd holds for a job now (eviction and checkpoint transfers land in
+        ``spool/CLUSTER/PROC``; HTCondor may split the cluster directory by ``CLUSTER % 10000``)."""
+        total = 0
+        for top in (self.local / "spool").glob(f"**/{cluster}/{proc}"):
+            for path in top.rglob("*"):
+                with contextlib.suppress(OSError):
+                    if path.is_file():
+                        total += path.stat().st_size
+        return total
 
     def machine(self, *attrs: str) -> list[str]:
         out = self.run("condor_status", "-af:t", *attrs, check=False).stdout.strip()
