@@ -127,8 +127,10 @@ class CondorPool:
         """How the pool user runs ``python -m vmbuild.cli``: this interpreter when the user
         may run it, else Debian's python3 with this checkout and its venv's packages on the
         path (a venv made from root's pyenv is not executable by other users)."""
-        if self.run(sys.executable, "-c", "import vmbuild.cli", check=False).returncode == 0:
-            return [sys.executable, "-m", "vmbuild.cli"]
+        with contextlib.suppress(OSError):  # EACCES on the interpreter: no exit status
+            if self.run(sys.executable, "-c", "import vmbuild.cli",
+                        check=False).returncode == 0:
+                return [sys.executable, "-m", "vmbuild.cli"]
         site = [p for p in sys.path if p.endswith("site-packages") and p.startswith(sys.prefix)]
         return ["/usr/bin/env", f"PYTHONPATH={REPO}:{':'.join(site)}", "/usr/bin/python3",
                 "-m", "vmbuild.cli"]

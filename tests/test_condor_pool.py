@@ -362,7 +362,7 @@ def test_vmbuild_submit_now_queues_one_job_per_item(condor_pool: CondorPool,
     cluster = int(found.group(1))
     assert "2 job(s) submitted" in proc.stdout, proc.stdout
     condor_pool.wait_done(cluster, timeout=VM_TIMEOUT)
-    rows = condor_pool.history(cluster, "ProcId", "ExitCode", "Args", "TransferInput")
+    rows = condor_pool.history(cluster, "ProcId", "ExitCode", "Arguments", "TransferInput")
     _note("vmbuild submit --now, 2 items", total_s=round(time.monotonic() - began),
           jobs=len(rows))
     assert len(rows) == 2, rows
