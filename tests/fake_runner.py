@@ -7,7 +7,9 @@ the checkpoint atomically (write a temporary file, rename) and exits 85. Started
 same --workdir it resumes from the published checkpoint; a kill during the save leaves the
 previous checkpoint (or none). Repeated signals during a save are ignored, as the real
 runner must (Slurm signals every process of the job, and the batch script forwards too).
-When the count is complete it writes OUTPUT_DIR/done.txt and exits 0.
+When the count is complete it writes OUTPUT_DIR/done.txt and exits 0. ``--checkpoint-at
+N,M`` also checkpoints (the same save) and exits 85 on reaching N, then M: HTCondor's
+self-checkpointing (``checkpoint_exit_code``), as ``vmbuild run --exit-after-checkpoint`` does.
 
     fake_runner.py --count N --interval S --save-seconds S --workdir DIR --output-dir DIR
 """
@@ -36,6 +38,7 @@ def main() -> int:
     parser.add_argument("--count", type=int, default=30)
     parser.add_argument("--interval", type=float, default=0.5)
     parser.add_argument("--save-seconds", type=float, default=1.0)
+    parser.add_argument("--checkpoint-at", default="")
     parser.add_argument("--workdir", type=Path, required=True)
     parser.add_argument("--output-dir", type=Path, required=True)
     args, _unknown = parser.parse_known_args()
@@ -52,11 +55,13 @@ def main() -> int:
     else:
         print("fake-runner: fresh start", flush=True)
 
+    checkpoint_at = {int(x) for x in args.checkpoint_at.split(",") if x.strip()}
     n = start
     while n <= args.count:
-        if _requested:
+        periodic = n in checkpoint_at and n != start
+        if _requested or periodic:
             began = time.monotonic()
-            name = signal.Signals(_requested[0]).name
+            name = signal.Signals(_requested[0]).name if _requested else "periodic"
             print(f"fake-runner: {name}: saving at {n}", flush=True)
             tmp = args.workdir / "checkpoint.json.tmp"
             with open(tmp, "w") as f:

@@ -139,13 +139,14 @@ def test_probe_in_machine_ad_and_unmatchable_job_stays_idle(condor_pool: CondorP
         condor_pool.run("condor_rm", str(cluster))
 
 
-def _fake_submit(pool: CondorPool, name: str, extra: tuple[str, ...]) -> Path:
+def _fake_submit(pool: CondorPool, name: str, extra: tuple[str, ...],
+                 runner: tuple[str, ...] = ()) -> Path:
     """A generated submit file whose executable is tests/fake_runner.py (save takes 6 s)."""
     image = make_image(pool.mkdir(f"{name}-image"), memory_mib=256)
     chown_tree(image.parent, pool.user)
     options = SubmitOptions(bundle="fake_runner.py", request_memory_mib=200, extra=extra,
                             runner_args=("--count", "200", "--interval", "0.25",
-                                         "--save-seconds", "6"))
+                                         "--save-seconds", "6", *runner))
     submit = _write(pool, name, image, options, bundle=False)
     runner = submit.parent / "fake_runner.py"
     shutil.copy(FAKE, runner)
@@ -205,6 +206,49 @@ def test_seed_failure_short_vacate_loses_state_generated_file_keeps_it(
     assert kept_runs[0] == "fresh start" and kept_runs[1].startswith("resumed at"), kept_runs
     assert int(kept_runs[1].split()[-1]) > 20
     assert _numbers(kept_out) == list(range(1, 201)), kept_out[-2000:]
+
+
+def _runs(out: str) -> list[str]:
+    """Each run's start, in order (HTCondor appends every run's stdout it gets back)."""
+    return re.findall(r"fake-runner: (fresh start|resumed at \d+)", out)
+
+
+def test_self_checkpoint_then_eviction_keeps_the_newest_whole_state(
+        condor_pool: CondorPool) -> None:
+    """``when_to_transfer_output = ON_EXIT_OR_EVICT`` together with ``checkpoint_exit_code``
+    on 25.0. Two jobs checkpoint themselves at 10 (exit 85: the checkpoint goes to the spool
+    and the job restarts), then are vacated past 20. With a 2 s vacate time the hard kill
+    lands mid-save: nothing is transferred, the spool keeps the self-checkpoint, the job
+    resumes at 10 (never from a torn save, never from zero). With the generated vacate time
+    the eviction-time transfer brings the newer state, and the job resumes past 20."""
+    runner = ("--checkpoint-at", "10")
+    short = _fake_submit(condor_pool, "combo-short", ("job_max_vacate_time = 2",), runner)
+    kept = _fake_submit(condor_pool, "combo-generated", (), runner)
+    clusters = {"short": condor_pool.submit(short), "generated": condor_pool.submit(kept)}
+    began = time.monotonic()
+    condor_pool.wait_for("both fake jobs past their self-checkpoint and counting past 20",
+                         lambda: len([p for p in _sandbox_stdout(condor_pool)
+                                      if max(_numbers(p.read_text(errors="replace")) or [0])
+                                      >= 20]) >= 2, timeout=300)
+    for cluster in clusters.values():
+        condor_pool.run("condor_vacate_job", f"{cluster}.0")
+    runs = {}
+    for label, cluster in clusters.items():
+        condor_pool.wait_done(cluster, timeout=600)
+        submit = short if label == "short" else kept
+        info = _history(condor_pool, cluster, "ExitCode", "JobStatus")
+        out = (submit.parent / f"hello.{cluster}.0.out").read_text()
+        runs[label] = _runs(out)
+        assert info["ExitCode"] == "0" and info["JobStatus"] == "4", (info, out[-2000:])
+        last_start = int(runs[label][-1].split()[-1])
+        last_run = out[out.rfind(f"fake-runner: {runs[label][-1]}"):]
+        assert _numbers(last_run) == list(range(last_start, 201)), last_run[-1000:]
+    _note("self-checkpoint then eviction", seconds=round(time.monotonic() - began),
+          short_runs=runs["short"], generated_runs=runs["generated"])
+    assert runs["short"][-1] == "resumed at 10", runs
+    assert "fresh start" not in runs["short"][1:], runs
+    assert runs["generated"][-1].startswith("resumed at"), runs
+    assert int(runs["generated"][-1].split()[-1]) > 20, runs
 
 
 # --------------------------------------------------------------------------- real VMs
