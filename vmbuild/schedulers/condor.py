@@ -11,11 +11,21 @@ vanilla job whose executable is the runner bundle. What keeps a preempted VM fro
 * ``checkpoint_exit_code = 85`` + ``transfer_checkpoint_files`` keep a checkpoint the runner
   takes and exits with, so the job restarts from it;
 * the base image travels in, never back: only the job directory is in the output lists.
+
+The HTCondor manual presents eviction-time transfer and exit-driven self-checkpointing as
+alternatives and calls the first "risky" for large data. Both are kept, because on a real 25.0
+pool (tests/test_condor_pool.py) they combine safely: the eviction-time transfer happens only
+when the job exits within the vacate time, so a save cut short by the hard kill transfers
+nothing and the spool keeps the last ``checkpoint_exit_code`` checkpoint (the job resumes from
+it, never from a torn save, never from zero); a save that finishes sends the newer state, which
+supersedes it. Without eviction-time transfer an evicted job would lose everything since its
+last self-checkpoint; without ``checkpoint_exit_code`` a cut-short save would lose everything.
 """
 
 from __future__ import annotations
 
 import os
+import textwrap
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -180,7 +190,7 @@ def render_submit(vmx: str | Path, options: SubmitOptions | None = None, *,
 
     def put(key: str, value: object, comment: str | None = None) -> None:
         if comment and options.comments:
-            out.append(f"# {comment}")
+            out.extend(f"# {line}" for line in textwrap.wrap(comment, 96))
         out.append(f"{key:<25} = {value}")
 
     if options.comments:
@@ -207,11 +217,17 @@ def render_submit(vmx: str | Path, options: SubmitOptions | None = None, *,
     out.append("")
     put("should_transfer_files", "YES",
         "The image travels in; only the job directory (checkpoint + outputs) travels back.")
-    put("when_to_transfer_output", "ON_EXIT_OR_EVICT")
+    put("when_to_transfer_output", "ON_EXIT_OR_EVICT",
+        "On eviction the suspended VM (job directory) goes back to the schedd's spool and into "
+        "the next sandbox. HTCondor sends it only when the runner exits within the vacate "
+        "time: a save cut short by the hard kill sends nothing, and the spool keeps the last "
+        "checkpoint below (or none). Together the two never resume a torn save.")
     put("transfer_input_files", ", ".join(transfer_in))
     put("transfer_output_files", JOB_DIR)
     put("checkpoint_exit_code", CHECKPOINT_EXIT_CODE,
-        "A runner that checkpoints and exits 85 is restarted from that checkpoint.")
+        "A runner that checkpoints and exits 85 (--checkpoint-every) has its checkpoint kept "
+        "in the spool and is restarted from it at once; it is what an eviction falls back on "
+        "when its save is cut short.")
     put("transfer_checkpoint_files", JOB_DIR)
     out.append("")
     put("request_cpus", cpus, "Guest resources plus the hypervisor's overhead.")
