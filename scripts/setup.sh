@@ -17,6 +17,10 @@ SYSTEM_PACKAGES=(
   uidmap                      # newuidmap/newgidmap: base images built without root (user namespace)
   openssh-client              # per-build SSH keys; Ansible's transport
   slurmctld slurmd slurm-client munge  # the real one-node Slurm cluster of tests/slurm_cluster.py
+  # the real one-machine HTCondor pool of tests/condor_pool.py: the prebuilt 25.0 tarball in
+  # ../shared/htcondor links these besides libc/libstdc++ (condor_urlfetch alone wants libcurl4;
+  # the pool does not run it); xz unpacks the tarball
+  libgomp1 libpcre2-8-0 libssl3 libuuid1 xz-utils
   python3 python3-venv python3-dev
 )
 
