@@ -152,3 +152,25 @@ def test_reporter_without_chirp_or_process_is_quiet() -> None:
     reporter.start().stop()
     assert process_usage(os.getpid()) is not None
     assert process_usage(2**22 + 12345) is None
+
+
+def test_interval_from_the_runner_option(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`vmbuild run --chirp-interval` reaches the reporter through $VMBUILD_CHIRP_INTERVAL;
+    a bad or missing value leaves the 60 s default, a tiny one is raised to the minimum."""
+    from vmbuild.runner import main as runner_main
+    from vmbuild.runner.chirp import DEFAULT_INTERVAL, INTERVAL_ENV, MIN_INTERVAL, default_interval
+    from vmbuild.runner.core import RunnerError
+
+    assert default_interval({}) == DEFAULT_INTERVAL == 60.0
+    assert default_interval({INTERVAL_ENV: "5"}) == 5.0
+    assert default_interval({INTERVAL_ENV: "0.01"}) == MIN_INTERVAL
+    assert default_interval({INTERVAL_ENV: "nan"}) == DEFAULT_INTERVAL
+    assert default_interval({INTERVAL_ENV: "soon"}) == DEFAULT_INTERVAL
+    monkeypatch.setenv(INTERVAL_ENV, "60")  # restored (removed) after the test
+    runner_main._set_chirp_interval("2m")
+    assert os.environ[INTERVAL_ENV] == "120.0"
+    assert UsageReporter(1, 512, client=None).interval == 120.0
+    with pytest.raises(RunnerError):
+        runner_main._set_chirp_interval("soon")
+    ns = runner_main.build_parser().parse_args(["run", "x.vmx", "--chirp-interval", "10s"])
+    assert ns.chirp_interval == "10s"

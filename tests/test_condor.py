@@ -247,3 +247,12 @@ def test_write_submission_writes_submit_file_and_bundle(image: Path, tmp_path: P
     _submit(files[0].read_text())
     assert files == [out / "hello.sub", out / "vmbuild-run.pyz"]
     assert files[1].read_bytes().startswith(b"#!/usr/bin/env python3")
+
+
+def test_job_env_and_chirp_interval_reach_the_runner(image: Path, tmp_path: Path) -> None:
+    sub = _submit(render_submit(image, SubmitOptions(job_env=("COUNT=40", "MODE=a b"),
+                                                     chirp_interval="15s"),
+                                submit_dir=tmp_path))
+    args = sub["arguments"]
+    assert "--env COUNT=40" in args and "--env 'MODE=a b'" in args
+    assert "--chirp-interval 15s" in args

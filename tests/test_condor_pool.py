@@ -148,9 +148,9 @@ def _fake_submit(pool: CondorPool, name: str, extra: tuple[str, ...],
                             runner_args=("--count", "200", "--interval", "0.25",
                                          "--save-seconds", "6", *runner))
     submit = _write(pool, name, image, options, bundle=False)
-    runner = submit.parent / "fake_runner.py"
-    shutil.copy(FAKE, runner)
-    runner.chmod(0o755)
+    executable = submit.parent / "fake_runner.py"
+    shutil.copy(FAKE, executable)
+    executable.chmod(0o755)
     chown_tree(submit.parent, pool.user)
     return submit
 
