@@ -84,6 +84,22 @@ def chown_tree(path: Path, user: pwd.struct_passwd) -> None:
             os.lchown(os.path.join(root, name), user.pw_uid, user.pw_gid)
 
 
+# Loads what `vmbuild submit` loads (typer imports some packages only when a command runs;
+# writing the runner bundle imports qemu.qmp), then names every module file.
+_LIST_CLI_MODULES = """
+import contextlib, sys
+import vmbuild.cli, vmbuild.schedulers.submit, vmbuild.runner.bundle
+vmbuild.runner.bundle.bundle_members()
+with contextlib.suppress(SystemExit):
+    sys.argv = ["vmbuild", "submit", "--help"]
+    vmbuild.cli.main()
+for m in list(sys.modules.values()):
+    f = getattr(m, "__file__", None)
+    if f:
+        print("FILE:" + f)
+"""
+
+
 @dataclass
 class CondorPool:
     root: Path
@@ -125,15 +141,50 @@ class CondorPool:
 
     def vmbuild_argv(self) -> list[str]:
         """How the pool user runs ``python -m vmbuild.cli``: this interpreter when the user
-        may run it, else Debian's python3 with this checkout and its venv's packages on the
-        path (a venv made from root's pyenv is not executable by other users)."""
+        may run it; else Debian's python3 with this checkout and its venv's packages on the
+        path (a venv made from root's pyenv is not executable by other users); else, when the
+        checkout itself is closed to other users (as CI's may be), Debian's python3 with a
+        copy of just the modules ``vmbuild.cli`` loads, in the pool's directory."""
         with contextlib.suppress(OSError):  # EACCES on the interpreter: no exit status
             if self.run(sys.executable, "-c", "import vmbuild.cli",
                         check=False).returncode == 0:
                 return [sys.executable, "-m", "vmbuild.cli"]
         site = [p for p in sys.path if p.endswith("site-packages") and p.startswith(sys.prefix)]
-        return ["/usr/bin/env", f"PYTHONPATH={REPO}:{':'.join(site)}", "/usr/bin/python3",
-                "-m", "vmbuild.cli"]
+        paths: list[Callable[[], list[str]]] = [lambda: [str(REPO), *site],
+                                                lambda: [str(self._copy_cli_modules())]]
+        for path in paths:  # the copy only when the checkout is closed to the pool user
+            argv = ["/usr/bin/env", f"PYTHONPATH={':'.join(path())}", "/usr/bin/python3"]
+            if self.run(*argv, "-c", "import vmbuild.cli", check=False).returncode == 0:
+                return [*argv, "-m", "vmbuild.cli"]
+        raise AssertionError(f"the pool user {self.user.pw_name} cannot run vmbuild.cli")
+
+    def _copy_cli_modules(self) -> Path:
+        """Copy the top-level packages/modules that ``import vmbuild.cli`` loads from this
+        checkout or the venv into ``ROOT/pylib`` (readable by the pool user)."""
+        target = self.root / "pylib"
+        listing = subprocess.run(
+            [sys.executable, "-c", _LIST_CLI_MODULES], capture_output=True, text=True,
+            check=True, cwd=REPO)
+        bases = [Path(p) for p in sys.path if p.endswith("site-packages")] + [REPO]
+        for line in listing.stdout.splitlines():
+            if not line.startswith("FILE:"):
+                continue
+            file = Path(line[5:])
+            base = next((b for b in bases if file.is_relative_to(b)), None)
+            if base is None:
+                continue  # the standard library: Debian's python3 has its own
+            top = base / file.relative_to(base).parts[0]
+            dest = target / top.name
+            if dest.exists():
+                continue
+            if top.is_dir():
+                shutil.copytree(top, dest, ignore=shutil.ignore_patterns("__pycache__"))
+            else:
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(top, dest)
+        target.mkdir(exist_ok=True)
+        chown_tree(target, self.user)
+        return target
 
     def mkdir(self, name: str) -> Path:
         """A directory for one test's files (submit side), owned by the pool user."""
