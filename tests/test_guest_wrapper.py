@@ -54,7 +54,9 @@ class TestWrapper:
             command=["/bin/sh", "-c", "echo out; echo err >&2; exit 7"]))
         assert status == 7
         assert output == "out\nerr\n"
-        assert [e["event"] for e in events] == ["started", "exited"]
+        # "boot" (where the boot's time went) follows the start, never delays it.
+        assert [e["event"] for e in events] == ["started", "boot", "exited"]
+        assert isinstance(events[0]["uptime"], float)
         assert events[-1]["status"] == 7
 
     def test_argv_environment_and_workdir_arrive_verbatim(self, tmp_path: Path) -> None:

@@ -8,7 +8,13 @@ from typing import Any
 import pytest
 
 from vmbuild.runner.core import RunOutcome
-from vmbuild.stages.validate import BootResult, BootSpec, failure_reasons, result_data
+from vmbuild.stages.validate import (
+    BootResult,
+    BootSpec,
+    boot_phases,
+    failure_reasons,
+    result_data,
+)
 
 STARTED = {"event": "started", "boot_id": "b1"}
 
@@ -61,3 +67,17 @@ def test_until_started_passes_on_a_job_still_running_and_records_how_long() -> N
     # A long job that fails at once is caught all the same.
     crashed = result([STARTED, {"event": "exited", "status": 1}], RunOutcome(1, "poweroff"))
     assert failure_reasons(crashed, spec) == ["the job exited with status 1 (expected 0)"]
+
+
+def test_boot_phases_come_from_the_wrappers_events_and_refuse_nonsense() -> None:
+    """The manifest says where a validation boot's time went; the numbers are guest-written,
+    so anything but a plausible number yields no figure rather than a wrong one."""
+    good = [{"event": "started", "uptime": 7.5},
+            {"event": "boot", "kernel": 1.25, "initrd": 1.5, "userspace_start": 2.75}]
+    assert boot_phases(good) == {"kernel": 1.25, "initrd": 1.5, "systemd_and_wrapper": 4.75,
+                                 "to_job": 7.5}
+    for bad in ({"uptime": "7"}, {"uptime": True}, {"uptime": float("nan")}, {"uptime": -1},
+                {"uptime": 1e12}, {"uptime": 2.0}):  # 2.0: before userspace began
+        assert boot_phases([{**good[0], **bad}, good[1]]) == {}
+    assert boot_phases(good[:1]) == {}
+    assert boot_phases([]) == {}

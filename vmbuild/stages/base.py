@@ -44,16 +44,34 @@ from vmbuild.stages import disk as diskimage
 from vmbuild.tools import find_tool, missing_tools, run_tool, tool_env
 
 # Bump when the base's construction changes in a way the settings below do not capture.
-BASE_FORMAT = 4
+BASE_FORMAT = 5
 GUEST_DIR = Path(__file__).parent.parent / "guest"
 BASE_GUEST_FILES = ("vmbuild-build-access", "vmbuild-build-access.service",
                     "10-vmbuild-dhcp.network")
-KERNEL_CMDLINE = "console=tty0 console=ttyS0,115200 net.ifnames=0"
+# `quiet`: under TCG every console byte is an emulated UART write at 115200 baud, and the
+# kernel's and systemd's boot messages were a few seconds of them (a panic still prints).
+# `fsck.mode=skip`: a job VM boots a freshly sealed disk from a throwaway layer, so neither
+# the initramfs nor systemd needs to check it.
+KERNEL_CMDLINE = "console=tty0 console=ttyS0,115200 net.ifnames=0 quiet fsck.mode=skip"
 
 # Packages every image needs: systemd as init, udev for device links, sshd and python3 so the
-# build can provision with Ansible, resolved so a networked job has DNS.
+# build can provision with Ansible, resolved so a networked job has DNS, zstd so the
+# initramfs is zstd-compressed (faster to unpack than gzip, and smaller).
 BASE_PACKAGES = ("systemd-sysv", "udev", "kmod", "initramfs-tools", "openssh-server",
-                 "python3", "systemd-resolved")
+                 "python3", "systemd-resolved", "zstd")
+
+# The initramfs carries the drivers of the virtual disk controllers a .vmx can declare (and
+# QEMU's stand-ins for them: lsilogic boots as lsi53c895a there, hence sym53c8xx; the build
+# VM itself boots from virtio-scsi, see stages/packer.py) instead of
+# initramfs-tools' default "most" (every storage driver: 15 MiB of initrd, seconds to unpack
+# and probe under TCG). Modules built into a kernel are skipped by mkinitramfs.
+INITRAMFS_CONF = "MODULES=list\nCOMPRESS=zstd\n"
+INITRAMFS_MODULES = ("vmw_pvscsi", "mptspi", "mptsas", "sym53c8xx", "ahci", "nvme",
+                     "virtio_pci", "virtio_scsi", "sd_mod", "ext4")
+# Debian's merged /usr made by mmdebstrap's own hook, as debootstrap does: otherwise apt
+# satisfies init-system-helpers' "usrmerge | usr-is-merged" with usrmerge, which pulls in the
+# full perl (51 MiB of the image) only to convert a tree that could be born merged.
+MERGED_USR_HOOKS = Path("/usr/share/mmdebstrap/hooks/merged-usr")
 
 # Documentation, man pages and translations are a sixth of a minimal system and are never
 # read inside a batch job; copyright files stay, as Debian's licences ask.
@@ -143,6 +161,7 @@ class BaseSettings:
     cmdline: str
     guest_files: tuple[tuple[str, str], ...]  # (name, sha256) of files baked into the base
     diskimage: str  # sha256 of the disk assembly code
+    initramfs: tuple[str, ...] = (INITRAMFS_CONF, *INITRAMFS_MODULES)
     format: int = BASE_FORMAT
 
     def to_json(self) -> dict[str, object]:
@@ -321,10 +340,20 @@ def _stream(argv: list[str], stage: Stage, what: str) -> None:
 def _build(settings: BaseSettings, work: Path, stage: Stage) -> dict[str, object]:
     rootfs = work / "rootfs"
     mode = "unshare" if rootless() else "root"
+    initramfs_conf, initramfs_modules = work / "initramfs.conf", work / "initramfs.modules"
+    initramfs_conf.write_text(INITRAMFS_CONF)
+    initramfs_modules.write_text("\n".join(INITRAMFS_MODULES) + "\n")
     argv = ["mmdebstrap", "--variant=minbase", f"--mode={mode}", "--format=directory",
             "--include=" + ",".join(settings.packages),
             "--aptopt=Acquire::Retries=3",
             *[f"--dpkgopt={opt}" for opt in _DPKG_EXCLUDES],
+            *([f"--hook-dir={MERGED_USR_HOOKS}"] if MERGED_USR_HOOKS.is_dir() else []),
+            # Before the kernel is installed, so its initramfs is built this way from the start.
+            '--essential-hook=mkdir -p "$1/etc/initramfs-tools/conf.d" '
+            '"$1/usr/share/initramfs-tools/modules.d"',
+            f"--essential-hook=upload {initramfs_conf} /etc/initramfs-tools/conf.d/vmbuild.conf",
+            f"--essential-hook=upload {initramfs_modules} "
+            "/usr/share/initramfs-tools/modules.d/vmbuild",
             settings.release, str(rootfs), *settings.sources]
     _stream(as_guest_root(argv), stage, f"mmdebstrap (--mode={mode})")
 
@@ -344,6 +373,8 @@ def _build(settings: BaseSettings, work: Path, stage: Stage) -> dict[str, object
     run_tool(["qemu-img", "convert", "-O", "qcow2", str(raw), str(work / "base.qcow2")],
              "converting the base disk to qcow2")
     raw.unlink()
+    initramfs_conf.unlink()
+    initramfs_modules.unlink()
     packages_installed: dict[str, str] = json.loads(packages.read_text())
     spec.unlink()
     packages.unlink()

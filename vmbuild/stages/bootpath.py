@@ -48,6 +48,29 @@ ALWAYS = (
     LeftOut("modprobe@fuse.service", "the kernel loads it when /dev/fuse is first opened"),
     LeftOut("modprobe@loop.service", "the kernel loads it when a loop device is first used"),
     LeftOut("modprobe@dm_mod.service", "the kernel loads it when device-mapper is first used"),
+    LeftOut("modprobe@configfs.service", "nothing in a job VM configures the kernel through it"),
+    LeftOut("sys-kernel-config.mount", "nothing in a job VM configures the kernel through it"),
+    LeftOut("systemd-fsck-root.service", "a sealed disk booted from a throwaway layer "
+            "(fsck.mode=skip on the kernel command line, too)"),
+    LeftOut("systemd-fsckd.socket", "no file system checks (see above)"),
+    LeftOut("systemd-journald-audit.socket", "no audit log in a job VM"),
+    LeftOut("systemd-initctl.socket", "no SysV init clients"),
+    LeftOut("systemd-sysusers.service", "the build created every system user already"),
+    LeftOut("systemd-user-sessions.service", "no logins"),
+    # Generators run before systemd loads a single unit, each one an executable to start
+    # under TCG; systemd skips those masked in /etc/systemd/system-generators. The fstab
+    # generator stays (it mounts the root read-write from /etc/fstab).
+    LeftOut("systemd-getty-generator", "no logins (getty.target is left out too)"),
+    LeftOut("systemd-gpt-auto-generator", "the disk is MBR/ESP laid out by vmbuild, "
+            "listed in /etc/fstab"),
+    LeftOut("systemd-cryptsetup-generator", "no encrypted volumes"),
+    LeftOut("systemd-integritysetup-generator", "no integrity volumes"),
+    LeftOut("systemd-veritysetup-generator", "no verity volumes"),
+    LeftOut("systemd-hibernate-resume-generator", "a job VM never hibernates"),
+    LeftOut("systemd-system-update-generator", "no offline updates"),
+    LeftOut("systemd-sysv-generator", "no SysV init scripts are started"),
+    LeftOut("systemd-rc-local-generator", "no /etc/rc.local"),
+    LeftOut("systemd-debug-generator", "no debug shell"),
 )
 
 NETWORK = (

@@ -274,7 +274,32 @@ def result_data(result: BootResult, spec: BootSpec) -> dict[str, Any]:
     if result.outcome.ran_for is not None:
         data["ran_for"] = round(result.outcome.ran_for, 1)
         data["clean_shutdown"] = result.outcome.clean_shutdown
+    phases = boot_phases(result.control)
+    if phases:
+        data["boot_phases"] = phases
     return data
+
+
+def boot_phases(events: Sequence[dict[str, object]]) -> dict[str, float]:
+    """Where the boot's time went until the job started (kernel, initramfs, systemd and the
+    wrapper), from the wrapper's `started` and `boot` events. Guest-written: only plain,
+    plausible numbers are taken, and nothing is derived from a figure that is missing."""
+    def number(value: object) -> float | None:
+        if isinstance(value, (int, float)) and not isinstance(value, bool) \
+                and 0 <= value < 86400:
+            return float(value)
+        return None
+
+    last = {str(e.get("event")): e for e in events}
+    uptime = number(last.get("started", {}).get("uptime"))
+    boot = last.get("boot", {})
+    kernel, initrd, userspace = (number(boot.get(k)) for k in ("kernel", "initrd",
+                                                               "userspace_start"))
+    if uptime is None or kernel is None or initrd is None or userspace is None \
+            or userspace > uptime:
+        return {}
+    return {"kernel": round(kernel, 2), "initrd": round(initrd, 2),
+            "systemd_and_wrapper": round(uptime - userspace, 2), "to_job": round(uptime, 2)}
 
 
 def parse_env(items: Sequence[str]) -> dict[str, str]:

@@ -1,0 +1,52 @@
+"""The boot path a job image keeps (issue 9): what it leaves out, and that the seal gets it.
+
+A booted image proving the masks took effect is in tests/test_build_e2e.py (slow)."""
+
+from __future__ import annotations
+
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from vmbuild.recipe import load_recipe
+from vmbuild.stages import bootpath
+from vmbuild.stages.playbook import write_system_overlay
+
+NETWORK_UNITS = {item.unit for item in bootpath.NETWORK}
+
+
+def recipe(tmp_path: Path, extra: str = "") -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text("version: 1\nname: lean\njob:\n  command: [/bin/true]\n" + extra)
+    return path
+
+
+@pytest.mark.parametrize(("extra", "network"), [
+    ("", False),
+    ("  network: true\n", True),
+    ("guest:\n  ssh: true\n", True),  # an sshd needs the network
+])
+def test_network_units_stay_only_when_the_recipe_needs_a_network(
+        tmp_path: Path, extra: str, network: bool) -> None:
+    units = {item.unit for item in bootpath.left_out(load_recipe(recipe(tmp_path, extra)))}
+    assert "getty.target" in units and "timers.target" in units
+    assert units & NETWORK_UNITS == (set() if network else NETWORK_UNITS)
+
+
+def test_every_left_out_unit_says_why_and_the_overlay_carries_the_list(tmp_path: Path) -> None:
+    r = load_recipe(recipe(tmp_path))
+    entries = bootpath.manifest_entry(r)
+    assert all(e["why"] and e["unit"] for e in entries)
+    assert len({e["unit"] for e in entries}) == len(entries)
+    # Never the job's own unit, nor what it needs to run and power off.
+    kept = {"vmbuild-job.service", "systemd-journald.service", "systemd-udevd.service",
+            "systemd-logind.service", "systemd-fstab-generator", "sysinit.target"}
+    assert not kept & {e["unit"] for e in entries}
+    overlay = tmp_path / "system.tar"
+    write_system_overlay(r, overlay)
+    with tarfile.open(overlay) as tar:
+        member = tar.extractfile(bootpath.LEFT_OUT_FILE.lstrip("/"))
+        assert member is not None
+        listed = member.read().decode().split()
+    assert listed == [e["unit"] for e in entries]
