@@ -55,6 +55,8 @@ def test_plain_qemu_boot_runs_the_job_and_powers_off(hello_vmx: Path, tmp_path: 
     events = [json.loads(line) for line in logs[2].read_text().splitlines() if line.strip()]
     assert events[0]["event"] == "started"
     assert events[-1]["event"] == "exited" and events[-1]["status"] == 0
+    boot = next(e for e in events if e["event"] == "boot")  # where the boot's time went
+    assert 0 < boot["kernel"] < boot["userspace_start"] < events[0]["uptime"]
 
 
 def _debugfs(raw: Path, offset: int, request: str) -> str:
@@ -76,6 +78,20 @@ def test_shipped_image_holds_no_build_secrets(hello_vmx: Path, tmp_path: Path) -
     assert root.split(":")[1] in ("*", "!", "!*"), "root must have no password hash"
     assert "ssh.service" not in _debugfs(raw, offset,
                                          "ls /etc/systemd/system/multi-user.target.wants")
+    # The lean boot path (stages/bootpath.py): what the manifest lists as left out is masked
+    # on the disk, and nothing pulled in the full perl (usrmerge did, before /usr was born
+    # merged).
+    manifest = json.loads((hello_vmx.parent / "manifest.json").read_text())
+    left_out = [e["unit"] for e in manifest["guest"]["left_out"]]
+    assert "getty.target" in left_out and "systemd-getty-generator" in left_out
+    for unit, directory in (("getty.target", "system"), ("timers.target", "system"),
+                            ("systemd-networkd.service", "system"),  # hello has no network
+                            ("systemd-getty-generator", "system-generators")):
+        link = _debugfs(raw, offset, f"stat /etc/systemd/{directory}/{unit}")
+        assert "Type: symlink" in link and '"/dev/null"' in link, (unit, link)
+    assert not {"perl", "usrmerge"} & manifest["packages"].keys()
+    phases = manifest["validation"]["boot_phases"]
+    assert 0 < phases["kernel"] < phases["to_job"]
 
 
 def test_changed_application_reuses_the_cached_base(hello_vmx: Path, tmp_path: Path) -> None:
