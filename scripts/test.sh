@@ -6,5 +6,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 .venv/bin/ruff check vmbuild tests bench
-.venv/bin/mypy
+.venv/bin/mypy vmbuild tests bench
 .venv/bin/python -m pytest "$@"

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import pwd
 import struct
 import subprocess
 from pathlib import Path
@@ -70,21 +72,21 @@ def test_subordinate_ranges_are_read_like_newuidmap_does(tmp_path: Path) -> None
 
 def test_without_root_tree_work_runs_as_guest_root_in_a_user_namespace(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(basestage.os, "geteuid", lambda: 1000)
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
     monkeypatch.setattr(basestage, "_id_ranges", lambda: ((100000, 65536), (200000, 65536)))
     argv = basestage.as_guest_root(["mkfs.ext4", "-d", "/tree; rm -rf /"])
     assert Path(argv[0]).name == "unshare"
     assert argv[-4:] == ["--", "mkfs.ext4", "-d", "/tree; rm -rf /"]  # an argument list
     assert "--map-users=100000,0,65536" in argv and "--map-groups=200000,0,65536" in argv
     assert "--map-user=65536" in argv and "--setuid=0" in argv and "--setgid=0" in argv
-    monkeypatch.setattr(basestage.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
     assert basestage.as_guest_root(["true"]) == ["true"]
 
 
 def test_without_subordinate_ids_the_error_says_how_to_add_them(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(basestage.os, "geteuid", lambda: 4242)
-    monkeypatch.setattr(basestage.pwd, "getpwuid",
+    monkeypatch.setattr(os, "geteuid", lambda: 4242)
+    monkeypatch.setattr(pwd, "getpwuid",
                         lambda uid: type("P", (), {"pw_name": "nosubids"})())
     with pytest.raises(UsageError, match="usermod --add-subuids"):
         basestage._id_ranges()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import platform
 from pathlib import Path
 from typing import Any
 
@@ -188,7 +189,7 @@ def test_requirements_against_the_probe_own_lines(tmp_path: Path,
         tool.write_text(f"#!/bin/sh\n{script}\n")
         tool.chmod(0o755)
     monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:/usr/bin:/bin")
-    monkeypatch.setattr(probe.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
     ad = classad2.parseOne("\n".join(probe.probe_lines(check_kvm=False)))
     assert ad["VMBUILD_VMWARE_MAX_HWVERSION"] == 19
     image = make_image(tmp_path / "image")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import platform
 import plistlib
 import re
 import subprocess
@@ -52,8 +53,8 @@ def test_versions_from_fake_tools(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
     assert probe.vmware_version() == "1.17.0 build-21139696"
     assert probe.qemu_version(str(qemu)) == "7.2.11"
-    monkeypatch.setattr(probe.platform, "system", lambda: "Linux")
-    monkeypatch.setattr(probe.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(platform, "system", lambda: "Linux")
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
     monkeypatch.setattr(probe, "VMWARE_CONFIG", tmp_path / "no-config")
     attrs = _check_lines(probe.probe_lines(check_kvm=False))
     assert attrs["VMBUILD_VMWARE"] == "true"
@@ -157,8 +158,8 @@ def test_probe_lines_for_fusion_on_apple_silicon(tmp_path: Path,
     _tool(tmp_path / "bin", "vmrun", "echo 'vmrun version 1.17.0 build-24205318'")
     monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:/usr/bin:/bin")
     monkeypatch.setattr(probe, "FUSION_APP", _fusion_app(tmp_path, "13.6.0"))
-    monkeypatch.setattr(probe.platform, "system", lambda: "Darwin")
-    monkeypatch.setattr(probe.platform, "machine", lambda: "arm64")
+    monkeypatch.setattr(platform, "system", lambda: "Darwin")
+    monkeypatch.setattr(platform, "machine", lambda: "arm64")
     attrs = _check_lines(probe.probe_lines(check_kvm=False))
     assert attrs["VMBUILD_VMWARE"] == "false"
     assert attrs["VMBUILD_VMWARE_PRODUCT"] == '"fusion"'
@@ -171,8 +172,8 @@ def test_probe_lines_for_workstation(tmp_path: Path, monkeypatch: pytest.MonkeyP
     _tool(tmp_path / "bin", "vmrun", "echo 'vmrun version 1.17.0 build-22583795'")
     _tool(tmp_path / "bin", "vmware", "echo 'VMware Workstation 17.5.0 build-22583795'")
     monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:/usr/bin:/bin")
-    monkeypatch.setattr(probe.platform, "system", lambda: "Linux")
-    monkeypatch.setattr(probe.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(platform, "system", lambda: "Linux")
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
     attrs = _check_lines(probe.probe_lines(check_kvm=False))
     assert attrs["VMBUILD_VMWARE"] == "true"
     assert attrs["VMBUILD_VMWARE_PRODUCT"] == '"workstation"'
