@@ -15,6 +15,7 @@ SYSTEM_PACKAGES=(
   grub-pc-bin grub-efi-amd64-bin grub2-common  # boot loaders written into the disk
   e2fsprogs dosfstools mtools fdisk            # filesystems and partitions, without loop devices
   uidmap                      # newuidmap/newgidmap: base images built without root (user namespace)
+  zstd                        # compressed VM state in checkpoints (the runner falls back to none)
   openssh-client              # per-build SSH keys; Ansible's transport
   slurmctld slurmd slurm-client munge  # the real one-node Slurm cluster of tests/slurm_cluster.py
   # the real one-machine HTCondor pool of tests/condor_pool.py: the prebuilt 25.0 tarball in

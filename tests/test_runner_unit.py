@@ -4,6 +4,8 @@ mapping, exit codes, the zipapp. No VM is booted here (see test_runner_qemu.py).
 from __future__ import annotations
 
 import json
+import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -24,7 +26,7 @@ from vmbuild.runner.contract import (
     JOB_OUTPUT_MARKER,
     JobReport,
 )
-from vmbuild.runner.qemu import blockdev_args
+from vmbuild.runner.qemu import blockdev_args, state_reader, state_writer
 from vmbuild.runner.qemu_devices import BLOCKDEV, ExtraDrive, qemu_argv
 from vmbuild.runner.vmx import vmx_info
 
@@ -792,3 +794,24 @@ def test_checkpoint_signals_after_the_run_do_not_kill_the_runner(tmp_path: Path)
                           capture_output=True, text=True, check=False,
                           env={"PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     assert proc.returncode == EXIT_CHECKPOINTED, proc.stderr
+
+
+def test_vm_state_is_written_through_zstd_when_the_host_has_it(tmp_path: Path) -> None:
+    """The migration URIs QEMU runs through /bin/sh: paths quoted, the reader chosen by the
+    file's name, and a compressed state that really round-trips through them."""
+    odd = tmp_path / "it's a dir; rm -rf ~"
+    odd.mkdir()
+    plain = odd / "state-1.mig"
+    assert state_writer(plain, None) == "exec:cat > " + shlex.quote(str(plain))
+    assert state_reader(plain) == "exec:cat " + shlex.quote(str(plain))
+    zstd = shutil.which("zstd")
+    assert zstd, "zstd is installed by scripts/setup.sh"
+    packed = odd / "state-2.mig.zst"
+    payload = bytes(4 << 20) + os.urandom(4096)  # mostly zeros, like a guest's memory
+    subprocess.run(["/bin/sh", "-c", state_writer(packed, zstd).removeprefix("exec:")],
+                   input=payload, check=True)
+    assert packed.stat().st_size < len(payload) // 100
+    back = subprocess.run(["/bin/sh", "-c", state_reader(packed).removeprefix("exec:")],
+                          capture_output=True, check=True).stdout
+    assert back == payload
+    assert core._OWNED.match(packed.name)  # a killed run's leftover is collected

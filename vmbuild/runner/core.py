@@ -52,7 +52,8 @@ LOCK = "runner.lock"
 #: Files the runner may create in a work directory; only these are ever garbage-collected,
 #: so a work directory that also holds a user's files does not lose them.
 _OWNED = re.compile(
-    r"^(?:.*\.qcow2|.*\.mig|.*\.tmp|.*\.raw|.*\.vmss|.*\.vmem|.*\.vmdk|.*\.vmx|\.stage-.*)$"
+    r"^(?:.*\.qcow2|.*\.mig|.*\.mig\.zst|.*\.tmp|.*\.raw|.*\.vmss|.*\.vmem|.*\.vmdk"
+    r"|.*\.vmx|\.stage-.*)$"
 )
 #: Logs kept across runs (appended to), never collected.
 LOGS = ("console.log", "job.log", "control.log", "qemu.log")

@@ -14,7 +14,10 @@ checkpoint-and-exit the top layer itself is frozen (the VM never runs again); ``
 to ``exec:cat > FILE`` saves the VM state, matching the frozen layers exactly; everything is
 fsync'ed and the manifest naming the layers and the state file is published by an atomic
 rename. Resume: ``-incoming defer``, the frozen chains plus a fresh writable layer on each,
-``migrate-incoming`` from the state file, ``cont``. Whatever a killed run wrote after its
+``migrate-incoming`` from the state file, ``cont``. The state goes through ``zstd -1`` when
+the host has it (a guest's memory is mostly zeros and page cache: a 512 MiB counting guest
+saves ~30 MiB instead of ~220, for a fraction of a second of CPU); a ``.zst`` state file is
+read back through ``zstd -d``, a plain one through ``cat``. Whatever a killed run wrote after its
 last checkpoint sits in a top layer no manifest names, and is collected at the next start.
 
 QEMU runs in its own session (a terminal's Ctrl-C or a scheduler's signal to the process
@@ -150,6 +153,25 @@ def blockdev_args(workdir: Path, disk: str, layers: list[str], top: str) -> tupl
         below = node
     assert below is not None
     return args, below
+
+
+def state_writer(path: Path, zstd: str | None) -> str:
+    """QEMU's migration URI that writes the VM state to `path` (zstd-compressed when the
+    host has zstd: level 1 keeps the suspend within its second on one core)."""
+    if zstd:
+        return f"exec:{shlex.quote(zstd)} -q -1 -T1 -o {shlex.quote(str(path))}"
+    return "exec:cat > " + shlex.quote(str(path))
+
+
+def state_reader(path: Path) -> str:
+    """The migration URI that reads a saved state back, by the file's name."""
+    if path.name.endswith(".zst"):
+        zstd = shutil.which("zstd")
+        if zstd is None:
+            raise RunnerError(f"the checkpoint's VM state ({path.name}) is zstd-compressed "
+                              "and this host has no zstd (install the zstd package)")
+        return f"exec:{shlex.quote(zstd)} -q -d -c {shlex.quote(str(path))}"
+    return "exec:cat " + shlex.quote(str(path))
 
 
 class QemuBackend(Backend):
@@ -395,7 +417,7 @@ class QemuBackend(Backend):
             assert self.state_file is not None
             state = self.wd.path / self.state_file
             self.migration = asyncio.get_running_loop().create_future()
-            await self._cmd("migrate-incoming", uri="exec:cat " + shlex.quote(str(state)))
+            await self._cmd("migrate-incoming", uri=state_reader(state))
             status = await self._migration_done()
             if status != "completed":
                 await self._kill()
@@ -565,11 +587,11 @@ class QemuBackend(Backend):
                 self.top_nodes[disk] = node
                 self.tops[disk] = new
                 chain["layers"].append({"file": frozen[disk]})
-        state = self.wd.unique("state", ".mig")
+        zstd = shutil.which("zstd")
+        state = self.wd.unique("state", ".mig.zst" if zstd else ".mig")
         try:
             self.migration = asyncio.get_running_loop().create_future()
-            await self._cmd("migrate",
-                            uri="exec:cat > " + shlex.quote(str(self.wd.path / state)))
+            await self._cmd("migrate", uri=state_writer(self.wd.path / state, zstd))
             status = await self._migration_done()
             if status != "completed":
                 raise RunnerError(f"saving the VM state failed ({status})")
@@ -590,7 +612,7 @@ class QemuBackend(Backend):
             }
             await asyncio.to_thread(self.wd.publish, manifest)
         except BaseException:
-            # QEMU's `cat > FILE` reports no errno (its stderr is not kept): a full
+            # QEMU's `cat > FILE` (or zstd's) reports no errno (its stderr is not kept): a full
             # filesystem shows as (almost) no space left next to the partial state file.
             with contextlib.suppress(OSError):
                 st = os.statvfs(self.wd.path)
