@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from tests.condor_pool import CondorPool, chown_tree, condor_pool
+from tests.runner_harness import processes_mentioning
 from tests.scheduler_images import make_image
 from vmbuild.runner.contract import CONTROL_LOG, parse_control
 from vmbuild.schedulers import SubmitOptions, write_submission
@@ -82,15 +83,13 @@ def _live_numbers(pool: CondorPool) -> list[int]:
 def _qemu_pids(under: Path) -> list[int]:
     """QEMU processes whose command line names a path under ``under``."""
     pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
+    for pid in processes_mentioning(str(under)):
         try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            argv0 = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
         except OSError:
             continue
-        if argv and b"qemu-system" in argv[0] and any(str(under).encode() in a for a in argv):
-            pids.append(int(entry.name))
+        if b"qemu-system" in argv0:
+            pids.append(pid)
     return pids
 
 
@@ -155,6 +154,26 @@ def _fake_submit(pool: CondorPool, name: str, extra: tuple[str, ...],
     return submit
 
 
+def _vacate_past_20(pool: CondorPool, submits: dict[str, Path],
+                    *attrs: str) -> dict[str, tuple[dict[str, str], str]]:
+    """Submit each fake job, vacate all once each counts past 20 (one slot each), wait for
+    them to finish; per label: the history attributes asked for and the job's stdout (every
+    run's, appended by HTCondor in order)."""
+    clusters = {label: pool.submit(submit) for label, submit in submits.items()}
+    pool.wait_for("every fake job counting past 20", lambda: len(
+        [p for p in _sandbox_stdout(pool)
+         if max(_numbers(p.read_text(errors="replace")) or [0]) >= 20]) >= len(clusters),
+        timeout=300)
+    for cluster in clusters.values():
+        pool.run("condor_vacate_job", f"{cluster}.0")
+    outcome = {}
+    for label, cluster in clusters.items():
+        pool.wait_done(cluster, timeout=600)
+        info = _history(pool, cluster, "ExitCode", "JobStatus", *attrs)
+        outcome[label] = (info, (submits[label].parent / f"hello.{cluster}.0.out").read_text())
+    return outcome
+
+
 def test_seed_failure_short_vacate_loses_state_generated_file_keeps_it(
         condor_pool: CondorPool) -> None:
     """The paper's failure, reproduced and prevented. Two jobs with a runner whose save takes
@@ -163,25 +182,11 @@ def test_seed_failure_short_vacate_loses_state_generated_file_keeps_it(
     the generated vacate time (the save completes, the checkpoint travels, it resumes)."""
     short = _fake_submit(condor_pool, "seed-short", ("job_max_vacate_time = 2",))
     kept = _fake_submit(condor_pool, "seed-generated", ())
-    assert re.search(r"^job_max_vacate_time\s*=\s*(\d+)", kept.read_text(), re.M)
-    generated = int(re.search(r"^job_max_vacate_time\s*=\s*(\d+)",  # type: ignore[union-attr]
-                              kept.read_text(), re.M).group(1))
-    assert generated > 6
-    clusters = {"short": condor_pool.submit(short), "generated": condor_pool.submit(kept)}
+    generated = re.search(r"^job_max_vacate_time\s*=\s*(\d+)", kept.read_text(), re.M)
+    assert generated and int(generated.group(1)) > 6  # longer than the 6 s save
     began = time.monotonic()
-    # both running and past 20 (two slots): then vacate both
-    condor_pool.wait_for("both fake jobs counting past 20", lambda: len(
-        [p for p in _sandbox_stdout(condor_pool)
-         if max(_numbers(p.read_text(errors="replace")) or [0]) >= 20]) >= 2, timeout=300)
-    for cluster in clusters.values():
-        condor_pool.run("condor_vacate_job", f"{cluster}.0")
-    outcome = {}
-    for label, cluster in clusters.items():
-        condor_pool.wait_done(cluster, timeout=600)
-        submit = short if label == "short" else kept
-        info = _history(condor_pool, cluster, "ExitCode", "NumJobStarts", "JobStatus")
-        out = (submit.parent / f"hello.{cluster}.0.out").read_text()
-        outcome[label] = (info, out)
+    outcome = _vacate_past_20(condor_pool, {"short": short, "generated": kept}, "NumJobStarts")
+    for label, (info, out) in outcome.items():
         _note(f"seed failure, {label} vacate time", exit=info["ExitCode"],
               starts=info["NumJobStarts"],
               first_line_of_last_run=out.splitlines()[0] if out else "")
@@ -224,20 +229,10 @@ def test_self_checkpoint_then_eviction_keeps_the_newest_whole_state(
     runner = ("--checkpoint-at", "10")
     short = _fake_submit(condor_pool, "combo-short", ("job_max_vacate_time = 2",), runner)
     kept = _fake_submit(condor_pool, "combo-generated", (), runner)
-    clusters = {"short": condor_pool.submit(short), "generated": condor_pool.submit(kept)}
     began = time.monotonic()
-    condor_pool.wait_for("both fake jobs past their self-checkpoint and counting past 20",
-                         lambda: len([p for p in _sandbox_stdout(condor_pool)
-                                      if max(_numbers(p.read_text(errors="replace")) or [0])
-                                      >= 20]) >= 2, timeout=300)
-    for cluster in clusters.values():
-        condor_pool.run("condor_vacate_job", f"{cluster}.0")
     runs = {}
-    for label, cluster in clusters.items():
-        condor_pool.wait_done(cluster, timeout=600)
-        submit = short if label == "short" else kept
-        info = _history(condor_pool, cluster, "ExitCode", "JobStatus")
-        out = (submit.parent / f"hello.{cluster}.0.out").read_text()
+    for label, (info, out) in _vacate_past_20(
+            condor_pool, {"short": short, "generated": kept}).items():
         runs[label] = _runs(out)
         assert info["ExitCode"] == "0" and info["JobStatus"] == "4", (info, out[-2000:])
         last_start = int(runs[label][-1].split()[-1])
