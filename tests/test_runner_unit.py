@@ -626,8 +626,9 @@ def _saving_backend(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 
     async def cmd(name: str, **args: object) -> None:
         calls.append(name)
-        if name == "migrate":  # `cat > FILE` writes part of the state, then fails
-            path = str(args["uri"]).split("> ", 1)[1].strip("'")
+        if name == "migrate":  # `zstd -o FILE` (or `cat > FILE`) writes part, then fails
+            argv = shlex.split(str(args["uri"]).removeprefix("exec:"))
+            path = argv[argv.index("-o") + 1] if "-o" in argv else argv[-1]
             Path(path).write_bytes(b"partial")
 
     async def done() -> str:
