@@ -161,7 +161,8 @@ class BaseSettings:
     cmdline: str
     guest_files: tuple[tuple[str, str], ...]  # (name, sha256) of files baked into the base
     diskimage: str  # sha256 of the disk assembly code
-    initramfs: tuple[str, ...] = (INITRAMFS_CONF, *INITRAMFS_MODULES)
+    initramfs_conf: str
+    initramfs_modules: tuple[str, ...]
     format: int = BASE_FORMAT
 
     def to_json(self) -> dict[str, object]:
@@ -183,6 +184,8 @@ def base_settings(recipe: Recipe) -> BaseSettings:
         disk=g.disk,
         firmware=g.firmware,
         cmdline=KERNEL_CMDLINE,
+        initramfs_conf=INITRAMFS_CONF,
+        initramfs_modules=INITRAMFS_MODULES,
         guest_files=tuple((name, hashlib.sha256((GUEST_DIR / name).read_bytes()).hexdigest())
                           for name in BASE_GUEST_FILES),
         diskimage=hashlib.sha256(Path(diskimage.__file__).read_bytes()).hexdigest(),
@@ -341,8 +344,8 @@ def _build(settings: BaseSettings, work: Path, stage: Stage) -> dict[str, object
     rootfs = work / "rootfs"
     mode = "unshare" if rootless() else "root"
     initramfs_conf, initramfs_modules = work / "initramfs.conf", work / "initramfs.modules"
-    initramfs_conf.write_text(INITRAMFS_CONF)
-    initramfs_modules.write_text("\n".join(INITRAMFS_MODULES) + "\n")
+    initramfs_conf.write_text(settings.initramfs_conf)
+    initramfs_modules.write_text("\n".join(settings.initramfs_modules) + "\n")
     argv = ["mmdebstrap", "--variant=minbase", f"--mode={mode}", "--format=directory",
             "--include=" + ",".join(settings.packages),
             "--aptopt=Acquire::Retries=3",
