@@ -10,8 +10,9 @@ each run it records
   "job output follows" marker on COM2;
 - job exit → powered off: the wrapper's `exited` event on COM3 until QEMU's process ends;
 - where the time went until the job started: firmware and boot loader (the host's clock
-  minus the guest's uptime at the wrapper's `started` event), the kernel, the initramfs and
-  systemd (from the wrapper's `boot` event: systemd's timestamps and the kernel log).
+  minus the guest's uptime at the wrapper's `started` event), then the kernel, the initramfs
+  and systemd with the wrapper, read from the wrapper's events with the same code that
+  records them in a validation boot's manifest (`vmbuild.stages.validate.boot_phases`).
 
 With `--baseline OTHER.vmx` the same figures are measured for a second image in the same
 invocation (runs interleaved, so a noisy machine hurts both alike) and each median is printed
@@ -31,6 +32,13 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+# Only the figures are read with vmbuild's code; the boot itself is plain QEMU.
+from vmbuild.runner.contract import parse_control  # noqa: E402
+from vmbuild.stages.validate import boot_phases  # noqa: E402
 
 MARKER = b"=== vmbuild: job output follows ===\n"
 SCSI_MODELS = {"pvscsi": "pvscsi", "lsilogic": "lsi53c895a", "lsisas1068": "mptsas1068"}
@@ -78,32 +86,13 @@ def qemu_command(vmx: Path, ports: list[Path]) -> list[str]:
     return argv
 
 
-def control_events(data: bytes) -> dict[str, dict[str, object]]:
-    """The wrapper's COM3 events by name (the last of each); hostile bytes are skipped."""
-    events: dict[str, dict[str, object]] = {}
-    for line in data.decode(errors="replace").splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict) and isinstance(record.get("event"), str):
-            events[record["event"]] = record
-    return events
-
-
-def boot_phases(events: dict[str, dict[str, object]], host_started: float) -> dict[str, float]:
-    """Firmware + boot loader, kernel, initramfs, systemd: seconds until the job started."""
-    uptime = events.get("started", {}).get("uptime")
-    boot = events.get("boot", {})
-    if not isinstance(uptime, (int, float)):
+def where_the_time_went(control: bytes, host_started: float) -> dict[str, float]:
+    """Firmware + boot loader (the host's clock at the `started` event minus the guest's
+    uptime then), then the guest's own phases as the validation boot records them."""
+    phases = boot_phases(parse_control(control.decode(errors="replace")).events)
+    if not phases:
         return {}
-    phases = {"firmware+loader": max(0.0, host_started - uptime)}
-    numbers = {k: v for k, v in boot.items() if isinstance(v, (int, float))}
-    if {"kernel", "initrd", "userspace_start"} <= numbers.keys():
-        phases["kernel"] = numbers["kernel"]
-        phases["initrd"] = numbers["initrd"]
-        phases["systemd+wrapper"] = uptime - numbers["userspace_start"]
-    return phases
+    return {"firmware+loader": max(0.0, host_started - phases.pop("to_job")), **phases}
 
 
 def boot_once(vmx: Path, timeout: float) -> Boot:
@@ -139,7 +128,7 @@ def boot_once(vmx: Path, timeout: float) -> Boot:
             err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
             raise SystemExit(f"{vmx}: the job did not run to its exit event\n{err}\n"
                              + ports[0].read_text(errors="replace")[-2000:])
-        phases = boot_phases(control_events(ports[2].read_bytes()), (started_at or end) - t0)
+        phases = where_the_time_went(ports[2].read_bytes(), (started_at or end) - t0)
         return Boot(first_output - t0, end - exited_at, phases)
 
 
