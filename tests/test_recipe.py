@@ -355,6 +355,14 @@ def test_src_dotdot(write: Write, tmp_path: Path) -> None:
     assert msg.startswith('recipe.yaml:6: application.files[0].src: "../x" leaves the recipe'), msg
 
 
+def test_src_the_os_cannot_look_up(write: Write) -> None:
+    """A name longer than the filesystem allows (found by the recipe fuzzer): a located
+    error, not an OSError traceback."""
+    msg = error_of(write(MINIMAL + f"application:\n  files: [{{src: {'x' * 300}, dest: /x}}]\n"))
+    assert msg.startswith("recipe.yaml:6: application.files[0].src: ") and \
+        "cannot be looked up: File name too long" in msg, msg
+
+
 def test_src_symlink_escape(write: Write, tmp_path: Path) -> None:
     outside = tmp_path.parent / f"{tmp_path.name}-outside"
     outside.mkdir()

@@ -45,12 +45,17 @@ def _confined(node: _Node, field_: str, value: str, *, want: str) -> Path:
     lexical = Path(os.path.normpath(root / value))
     if not lexical.is_relative_to(root):
         _fail(node.loc, field_, f"{_show(value)} leaves the recipe's directory ({root})")
-    resolved = (root / value).resolve()
+    try:  # a name too long for the filesystem, a loop of links...: the OS says so here
+        resolved = (root / value).resolve()
+        exists = resolved.exists()
+    except OSError as exc:
+        _fail(node.loc, field_, f"{_show(value)} cannot be looked up: "
+              f"{exc.strerror or exc}")
     if not resolved.is_relative_to(root):
         _fail(node.loc, field_,
               f"{_show(value)} goes through a symlink to {resolved}, outside the recipe's "
               f"directory ({root})")
-    if not resolved.exists():
+    if not exists:
         _fail(node.loc, field_, f"{_show(value)} does not exist (looked for {lexical})")
     if want == "file" and not resolved.is_file():
         _fail(node.loc, field_, f"{_show(value)} is not a file")
