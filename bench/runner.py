@@ -6,9 +6,11 @@ use while the job runs (its process only, not QEMU's), send SIGUSR1 and time the
 exit (suspend latency), measure the checkpoint on disk, then start the runner again on the
 work directory and time until the job's output continues (resume latency; the job prints a
 number a second, so this includes up to 1 s of waiting for the next number). Prints the
-median of the runs.
+median of the runs, and with --baseline the ratio to a second image run alternately with it
+in the same invocation (for example the same recipe built before a change).
 
     .venv/bin/python bench/runner.py --runs 3 [--image OUT/counter/counter.vmx]
+                                              [--baseline OLD/counter/counter.vmx]
 
 Without --image it uses $VMBUILD_TEST_IMAGES/counter/counter.vmx, building it there (or in
 a temporary directory) with `vmbuild` when missing.
@@ -101,38 +103,48 @@ def main() -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--image", default=None)
+    parser.add_argument("--baseline", default=None,
+                        help="a second counter image (e.g. built before a change), run "
+                        "alternately with the first; each figure gets its ratio to it")
     parser.add_argument("--cpu-window", type=float, default=10.0,
                         help="seconds over which the runner's CPU use is measured")
     args = parser.parse_args()
-    vmx = image(args)
-    results = []
+    images = {"image": image(args)}
+    if args.baseline:
+        images["baseline"] = Path(args.baseline)
+    results: dict[str, list[dict[str, float]]] = {name: [] for name in images}
     for n in range(args.runs):
-        work = Path(tempfile.mkdtemp(prefix="bench-runner-"))
-        try:
-            result = one_run(vmx, work, args.cpu_window)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
-        results.append(result)
-        print(f"run {n + 1}: " + ", ".join(f"{k}={v:.2f}" for k, v in result.items()),
-              flush=True)
-    print(f"\nmedian of {len(results)} runs (guest: {vmx.name}, 512 MiB, QEMU):")
+        for name, vmx in images.items():
+            work = Path(tempfile.mkdtemp(prefix="bench-runner-"))
+            try:
+                result = one_run(vmx, work, args.cpu_window)
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
+            results[name].append(result)
+            print(f"run {n + 1} {name}: " + ", ".join(f"{k}={v:.2f}" for k, v in result.items()),
+                  flush=True)
+    vmx = images["image"]
+    print(f"\nmedian of {args.runs} runs (guest: {vmx.name}, 512 MiB, QEMU)"
+          + ("; ratio to the baseline image" if args.baseline else "") + ":")
     labels = {
         "suspend_s": "suspend latency (SIGUSR1 to runner exit), s",
         "resume_s": "resume latency (runner start to the next number), s",
-        "fresh_start_s": "baseline: fresh start (runner start to the first number), s",
+        "fresh_start_s": "fresh start (runner start to the first number), s",
         "checkpoint_allocated_mib": "checkpoint on disk (allocated, all layers + state), MiB",
         "checkpoint_apparent_mib": "checkpoint apparent size, MiB",
         "state_mib": "  of which the saved VM state, MiB",
         "cpu_percent": "runner CPU while the job runs (runner process only), %",
     }
+    medians = {name: {key: statistics.median(r[key] for r in runs) for key in labels}
+               for name, runs in results.items()}
     for key, label in labels.items():
-        value = statistics.median(r[key] for r in results)
-        print(f"  {label:<58} {value:8.2f}")
-    resume = statistics.median(r["resume_s"] for r in results)
-    fresh = statistics.median(r["fresh_start_s"] for r in results)
-    print(f"  {'resume / fresh start':<58} {resume / fresh:8.2f}x")
+        value = medians["image"][key]
+        base = medians.get("baseline", {}).get(key)
+        ratio = f"  baseline {base:8.2f}  ({value / base:.2f}x)" if base else ""
+        print(f"  {label:<58} {value:8.2f}{ratio}")
+    mine = medians["image"]
+    print(f"  {'resume / fresh start':<58} {mine['resume_s'] / mine['fresh_start_s']:8.2f}x")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from vmbuild.recipe import load_recipe
-from vmbuild.stages import bootpath
+from vmbuild.stages import bootpath, kernel_modules
 from vmbuild.stages.playbook import write_system_overlay
 
 NETWORK_UNITS = {item.unit for item in bootpath.NETWORK}
@@ -41,12 +41,39 @@ def test_every_left_out_unit_says_why_and_the_overlay_carries_the_list(tmp_path:
     assert len({e["unit"] for e in entries}) == len(entries)
     # Never the job's own unit, nor what it needs to run and power off.
     kept = {"vmbuild-job.service", "systemd-journald.service", "systemd-udevd.service",
-            "systemd-logind.service", "systemd-fstab-generator", "sysinit.target"}
+            "dbus.socket", "systemd-fstab-generator", "sysinit.target"}
     assert not kept & {e["unit"] for e in entries}
+    assert {e["how"] for e in entries} <= {bootpath.MASKED, bootpath.ON_DEMAND,
+                                           bootpath.UNLESS_CONFIGURED}
     overlay = tmp_path / "system.tar"
     write_system_overlay(r, overlay)
     with tarfile.open(overlay) as tar:
         member = tar.extractfile(bootpath.LEFT_OUT_FILE.lstrip("/"))
         assert member is not None
-        listed = member.read().decode().split()
-    assert listed == [e["unit"] for e in entries]
+        listed = [line.split(" ") for line in member.read().decode().splitlines()]
+    assert listed == [[e["how"], e["unit"]] for e in entries]
+    # Every kind of line is one the seal knows.
+    seal = (Path(bootpath.__file__).parents[1] / "guest" / "vmbuild-seal").read_text()
+    assert all(f"    {how}:" in seal for how, _ in listed)
+
+
+@pytest.mark.parametrize(("extra", "logind"), [("", False), ("guest:\n  ssh: true\n", True)])
+def test_logind_stays_only_for_ssh_sessions(tmp_path: Path, extra: str, logind: bool) -> None:
+    units = {item.unit for item in bootpath.left_out(load_recipe(recipe(tmp_path, extra)))}
+    assert ("systemd-logind.service" not in units) == logind
+    assert "dbus.service" in units  # started by its socket when used, never masked
+
+
+def test_kept_modules_follow_the_hardware_and_the_recipe(tmp_path: Path) -> None:
+    plain = kernel_modules.kept_file(load_recipe(recipe(tmp_path))).decode().split()
+    assert {"vmw_pvscsi", "nvme", "ahci", "fuse", "vmw_vmci"} <= set(plain)
+    assert "vmxnet3" in plain and "e1000" not in plain  # no network: no Intel card driver
+    networked = kernel_modules.kept_file(load_recipe(recipe(
+        tmp_path, "  network: true\nguest:\n  modules: [wireguard, fuse]\n"))).decode().split()
+    assert {"e1000", "e1000e", "wireguard"} <= set(networked)
+    assert len(networked) == len(set(networked))  # each name once (fuse is in both lists)
+    overlay = tmp_path / "system.tar"
+    write_system_overlay(load_recipe(recipe(tmp_path)), overlay)
+    with tarfile.open(overlay) as tar:
+        member = tar.extractfile(kernel_modules.KEPT_FILE.lstrip("/"))
+        assert member is not None and member.read().decode().split() == plain

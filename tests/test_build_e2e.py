@@ -8,6 +8,7 @@ check and the failing-job check in a single boot.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -90,6 +91,24 @@ def test_shipped_image_holds_no_build_secrets(hello_vmx: Path, tmp_path: Path) -
         link = _debugfs(raw, offset, f"stat /etc/systemd/{directory}/{unit}")
         assert "Type: symlink" in link and '"/dev/null"' in link, (unit, link)
     assert not {"perl", "usrmerge"} & manifest["packages"].keys()
+    # D-Bus is left for its socket to start (no vendor link pulls it in at boot); logind and
+    # the modules-load service (hello lists no modules) are masked.
+    assert "dbus.service" not in _debugfs(raw, offset,
+                                          "ls /usr/lib/systemd/system/multi-user.target.wants")
+    for unit in ("systemd-logind.service", "systemd-modules-load.service"):
+        assert '"/dev/null"' in _debugfs(raw, offset, f"stat /etc/systemd/system/{unit}"), unit
+    # Kernel modules (stages/kernel_modules.py): the virtual hardware's drivers and what they
+    # need stay, the rest of the tree (here btrfs, the Xen drivers) is gone, and depmod knows.
+    kver = next(n for n in _debugfs(raw, offset, "ls /usr/lib/modules").split()
+                if re.fullmatch(r"\d+\.\d+\.\d+-.+", n))
+    kernel = f"/usr/lib/modules/{kver}/kernel"
+    assert "vmw_pvscsi.ko" in _debugfs(raw, offset, f"ls {kernel}/drivers/scsi")
+    assert "scsi_mod.ko" in _debugfs(raw, offset, f"ls {kernel}/drivers/scsi")
+    filesystems = _debugfs(raw, offset, f"ls {kernel}/fs").split()
+    assert "fuse" in filesystems and "btrfs" not in filesystems
+    dep = _debugfs(raw, offset, f"cat /usr/lib/modules/{kver}/modules.dep")
+    assert "vmw_pvscsi.ko" in dep and "btrfs" not in dep and "xen" not in dep
+    assert [g for g in manifest["guest"]["modules_kept"] if "vmw_pvscsi" in g["modules"]]
     phases = manifest["validation"]["boot_phases"]
     assert 0 < phases["kernel"] < phases["to_job"]
 

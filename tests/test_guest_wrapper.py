@@ -139,3 +139,40 @@ def test_job_config_from_a_recipe_is_plain_json(tmp_path: Path) -> None:
     assert cfg["timeout"] == 90
     assert cfg["environment"] == {"A": "x;y"}
     json.dumps(cfg)
+
+
+def test_finds_the_job_disks_by_their_superblocks_without_udev(tmp_path: Path) -> None:
+    """The wrapper reads the labels from the kernel's block devices itself (no udev settle):
+    ext4 labels are found, other filesystems and partition tables are not, removable devices
+    are never opened, and with one job disk present the other is not waited for."""
+    sys_block, dev = tmp_path / "sys", tmp_path / "dev"
+    sys_block.mkdir()
+    dev.mkdir()
+    for name, label in (("sdb", "VMBOUTPUT"), ("sdc", "other"), ("nvme1n1", "VMBINPUT")):
+        image = dev / name
+        image.write_bytes(b"")
+        os.truncate(image, 4 << 20)
+        subprocess.run(["mkfs.ext4", "-q", "-F", "-L", label, str(image)], check=True)
+        (sys_block / name).mkdir()
+    (dev / "sda").write_bytes(b"\0" * 4096)  # a partition table, not a filesystem
+    (sys_block / "sda").mkdir()
+    (sys_block / "sr0").mkdir()  # never opened: there is no /dev node for it here either
+    script = (
+        "import importlib.machinery, json, sys, time\n"
+        f"w = importlib.machinery.SourceFileLoader('w', {str(WRAPPER)!r}).load_module()\n"
+        "t = time.monotonic()\n"
+        "print(json.dumps([w.find_label('VMBINPUT', 5), w.find_label('VMBOUTPUT', 5),\n"
+        "                  w.labelled_disks(), time.monotonic() - t]))\n")
+    env = dict(os.environ, VMBUILD_SYS_BLOCK=str(sys_block), VMBUILD_DEV_DIR=str(dev))
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                         text=True, check=True).stdout
+    inp, outp, found, _ = json.loads(out)
+    assert (inp, outp) == (str(dev / "nvme1n1"), str(dev / "sdb"))
+    assert found == {"VMBINPUT": str(dev / "nvme1n1"), "VMBOUTPUT": str(dev / "sdb")}
+    (dev / "nvme1n1").unlink()
+    (sys_block / "nvme1n1").rmdir()
+    inp, outp, found, took = json.loads(subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True,
+        check=True).stdout)
+    assert inp is None and outp == str(dev / "sdb")
+    assert took < 5  # the output disk is here, so the missing input disk is not waited for

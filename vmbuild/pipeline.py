@@ -24,7 +24,7 @@ from vmbuild.events import Event, Reporter, Stage
 from vmbuild.recipe import Recipe, recipe_to_dict
 from vmbuild.runner.accel import best_accelerator
 from vmbuild.runner.qemu_devices import find_ovmf
-from vmbuild.stages import bootpath
+from vmbuild.stages import bootpath, kernel_modules
 from vmbuild.stages.artifact import render_vmx
 from vmbuild.stages.base import BaseImage, ensure_base
 from vmbuild.stages.packer import PackerJob, PackerRun, packer_version, write_template
@@ -269,7 +269,8 @@ def _artifact(recipe: Recipe, base: BaseImage, packer: str, disk: Path, work: Pa
             "accelerator": best_accelerator(),
             "guest": {"release": recipe.guest.release, "firmware": recipe.guest.firmware,
                       "memory_mib": recipe.guest.memory // MIB, "cpus": recipe.guest.cpus,
-                      "left_out": bootpath.manifest_entry(recipe)},
+                      "left_out": bootpath.manifest_entry(recipe),
+                      "modules_kept": kernel_modules.manifest_entry(recipe)},
             "sizes": {"virtual": int(info.get("virtual-size", 0)),
                       "allocated": _allocated(base.disk) + _allocated(disk),
                       "vmdk": vmdk.stat().st_size},

@@ -38,6 +38,7 @@ class Guest:
     timezone: str = "UTC"
     ssh: bool = False  # keep sshd enabled in the shipped image (no keys are left in it either way)
     vmware_tools: bool = False  # open-vm-tools in the image; its services start only under VMware
+    modules: tuple[str, ...] = ()  # kernel modules kept beyond vmbuild's own list
 
 
 @dataclass(frozen=True)

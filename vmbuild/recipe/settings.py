@@ -24,6 +24,7 @@ from vmbuild.recipe.values import (
     _GUEST_OS_PATTERN,
     _HOSTNAME_PATTERN,
     _MODE_PATTERN,
+    _MODULE_PATTERN,
     _NAME_PATTERN,
     _OWNER_PATTERN,
     _PACKAGE_PATTERN,
@@ -175,6 +176,15 @@ SETTINGS: tuple[Setting, ...] = (
        "true: open-vm-tools in the image, for time sync after a resume, the guest's IP "
        "address and soft power operations under VMware. Its services start only under "
        "VMware, so a QEMU validation boot is unaffected.", default=False, example="true"),
+
+    _S("guest", "modules",
+       _list_of(_regex_type("kernel module name", _MODULE_PATTERN,
+                            "a kernel module name (letters, digits, _ and -)"), unique=True),
+       "Kernel modules kept in the image beyond vmbuild's own list (the virtual hardware's "
+       "drivers and common file systems; the manifest's guest.modules_kept lists them). The "
+       "seal deletes every other module, so a job that loads one of its own names it here. "
+       "Each is kept with the modules it depends on.", default=[],
+       example="[wireguard, nf_tables]"),
 
     _S("application", "files", _file_entries(),
        "Files and directories copied into the image, in order.", default=[],

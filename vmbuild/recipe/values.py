@@ -127,6 +127,7 @@ def _list_of(
 
 _NAME_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"
 _PACKAGE_PATTERN = r"^[a-z0-9][a-z0-9+.-]+$"
+_MODULE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
 _SUITE_PATTERN = r"^[a-z][a-z0-9-]*$"
 _HOSTNAME_PATTERN = r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$"
 _TIMEZONE_PATTERN = r"^[A-Za-z0-9_+-]+(/[A-Za-z0-9_+-]+)*$"

@@ -19,10 +19,19 @@ from vmbuild.recipe import Recipe
 LEFT_OUT_FILE = "/etc/vmbuild/boot-left-out"
 
 
+# How the seal leaves a unit out: masked (never starts); on demand (not started at boot, still
+# started by its socket when something uses it); masked unless the image configures it (the
+# seal looks at the unit's configuration files after provisioning).
+MASKED = "masked"
+ON_DEMAND = "on-demand"
+UNLESS_CONFIGURED = "masked-unless-configured"
+
+
 @dataclass(frozen=True)
 class LeftOut:
     unit: str
     why: str
+    how: str = MASKED
 
 
 ALWAYS = (
@@ -57,6 +66,10 @@ ALWAYS = (
     LeftOut("systemd-initctl.socket", "no SysV init clients"),
     LeftOut("systemd-sysusers.service", "the build created every system user already"),
     LeftOut("systemd-user-sessions.service", "no logins"),
+    LeftOut("dbus.service", "not started at boot (it was 2 s of a TCG start, beside the job); "
+            "its socket starts it for the first program that uses D-Bus", ON_DEMAND),
+    LeftOut("systemd-modules-load.service", "no module is listed in modules-load.d (the seal "
+            "keeps it when the image lists some)", UNLESS_CONFIGURED),
     # Generators run before systemd loads a single unit, each one an executable to start
     # under TCG; systemd skips those masked in /etc/systemd/system-generators. The fstab
     # generator stays (it mounts the root read-write from /etc/fstab).
@@ -82,16 +95,25 @@ NETWORK = (
 )
 
 
+LOGINS = (
+    LeftOut("systemd-logind.service", "no logins: nothing in a job VM opens a session (2 s of a "
+            "TCG start); kept with guest.ssh"),
+)
+
+
 def left_out(recipe: Recipe) -> tuple[LeftOut, ...]:
     """The units this recipe's image does not start. The network stays for `job.network`
-    and for `guest.ssh` (an sshd without a network would be useless)."""
+    and for `guest.ssh` (an sshd without a network would be useless), logind for `guest.ssh`
+    (sessions)."""
     keep_network = recipe.job.network or recipe.guest.ssh
-    return ALWAYS + (() if keep_network else NETWORK)
+    return (ALWAYS + (() if keep_network else NETWORK)
+            + (() if recipe.guest.ssh else LOGINS))
 
 
 def left_out_file(recipe: Recipe) -> bytes:
-    return "".join(item.unit + "\n" for item in left_out(recipe)).encode()
+    """One `HOW UNIT` line each, for the seal (vmbuild/guest/vmbuild-seal)."""
+    return "".join(f"{item.how} {item.unit}\n" for item in left_out(recipe)).encode()
 
 
 def manifest_entry(recipe: Recipe) -> list[dict[str, str]]:
-    return [{"unit": item.unit, "why": item.why} for item in left_out(recipe)]
+    return [{"unit": item.unit, "how": item.how, "why": item.why} for item in left_out(recipe)]

@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from vmbuild.recipe import Recipe
-from vmbuild.stages import bootpath
+from vmbuild.stages import bootpath, kernel_modules
 
 GUEST_DIR = Path(__file__).parent.parent / "guest"
 GUEST_LIB = "/usr/local/lib/vmbuild"
@@ -160,6 +160,7 @@ def write_system_overlay(recipe: Recipe, path: Path) -> None:
         _add_link(tar, "/etc/systemd/system/multi-user.target.wants/vmbuild-job.service",
                   "/etc/systemd/system/vmbuild-job.service")
         _add_file(tar, bootpath.LEFT_OUT_FILE, bootpath.left_out_file(recipe))
+        _add_file(tar, kernel_modules.KEPT_FILE, kernel_modules.kept_file(recipe))
 
 
 def _system_tasks(recipe: Recipe, overlay: Path) -> list[dict[str, Any]]:

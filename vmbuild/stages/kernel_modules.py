@@ -1,0 +1,65 @@
+"""Which kernel modules a job image keeps (issue 9: a guest that carries what the job needs).
+
+Debian's kernel ships every driver it has (90 MiB of modules for the cloud kernel, more for
+the generic one): file systems, RDMA, netfilter, Xen and Hyper-V, most of it never loaded in
+a VM whose virtual hardware the .vmx fixes. Every job start transfers the image, so the seal
+deletes the modules no entry below asks for, after provisioning (a package the application
+installed may have built its own module: name it in `guest.modules`). What an entry names is
+kept with everything it depends on (the seal asks `modprobe --show-depends`); a name the
+kernel does not have (the cloud kernel has no LSI or AHCI drivers) is skipped. The manifest
+lists the groups and why each is kept.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vmbuild.recipe import Recipe
+
+# Where the seal finds the list in the guest (one module name a line).
+KEPT_FILE = "/etc/vmbuild/modules-kept"
+
+
+@dataclass(frozen=True)
+class Kept:
+    modules: tuple[str, ...]
+    why: str
+
+
+DISKS = Kept(
+    ("vmw_pvscsi", "mptspi", "mptsas", "BusLogic", "sym53c8xx", "ahci", "nvme", "sd_mod",
+     "virtio_pci", "virtio_scsi", "virtio_blk"),
+    "the virtual disk controllers a .vmx can declare, QEMU's stand-ins for them, and the "
+    "build VM's (the job's input and output disks sit on the boot disk's controller). Not "
+    "the PC's legacy IDE (ata_piix): no disk is on it, and udev loading it cost a second of "
+    "every TCG start")
+FILESYSTEMS = Kept(
+    ("fuse", "overlay", "loop", "squashfs", "isofs", "vfat", "nls_utf8", "nls_cp437",
+     "nls_ascii", "autofs4", "efivarfs"),
+    "file systems a job may mount itself (FUSE, overlays, loop-mounted images, ISO, FAT), "
+    "systemd's automounts and the EFI variables of `firmware: efi`; ext4 is built in")
+VMWARE = Kept(
+    ("vmw_vmci", "vmw_balloon", "vmw_vsock_vmci_transport", "vsock", "vmxnet3", "pvpanic"),
+    "VMware's guest devices (VMCI, memory balloon, vSockets for open-vm-tools) and panic "
+    "notifier")
+NETWORK = Kept(
+    ("vmxnet3", "e1000", "e1000e", "virtio_net", "af_packet", "tun"),
+    "the network cards a .vmx can declare and the build VM's (job.network or guest.ssh)")
+
+
+def kept(recipe: Recipe) -> tuple[Kept, ...]:
+    groups = [DISKS, FILESYSTEMS, VMWARE]
+    if recipe.job.network or recipe.guest.ssh:
+        groups.append(NETWORK)
+    if recipe.guest.modules:
+        groups.append(Kept(recipe.guest.modules, "asked for by the recipe (guest.modules)"))
+    return tuple(groups)
+
+
+def kept_file(recipe: Recipe) -> bytes:
+    names = dict.fromkeys(name for group in kept(recipe) for name in group.modules)
+    return "".join(name + "\n" for name in names).encode()
+
+
+def manifest_entry(recipe: Recipe) -> list[dict[str, object]]:
+    return [{"modules": list(group.modules), "why": group.why} for group in kept(recipe)]
