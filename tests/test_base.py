@@ -18,7 +18,13 @@ from vmbuild.errors import UsageError
 from vmbuild.recipe import Application, Guest, Job, Output, Recipe
 from vmbuild.stages import base as basestage
 from vmbuild.stages import disk as diskimage
-from vmbuild.stages.base import apt_sources, base_key, kernel_package, subordinate_range
+from vmbuild.stages.base import (
+    apt_sources,
+    base_key,
+    initramfs_hook_script,
+    kernel_package,
+    subordinate_range,
+)
 from vmbuild.tools import find_tool, tool_env
 
 
@@ -189,3 +195,15 @@ def test_device_nodes_missing_from_the_tree_are_written_into_the_filesystem(
 def test_a_tree_without_dev_gets_no_device_nodes(tmp_path: Path) -> None:
     disk, layout = _assembled(tmp_path, "bios")
     assert "dev" not in diskimage.list_dir(disk, layout, "/")
+
+
+def test_initramfs_hook_adds_the_drivers_without_loading_them(tmp_path: Path) -> None:
+    """The controllers' drivers go into the initramfs through a hook (added, loaded by udev
+    only when the device is there), never through modules.d (loaded at every boot)."""
+    script = initramfs_hook_script(("vmw_pvscsi", "ahci", "odd name"))
+    assert script.startswith("#!/bin/sh\n")
+    assert "manual_add_modules vmw_pvscsi ahci 'odd name'\n" in script
+    hook = tmp_path / "hook"
+    hook.write_text(script)
+    prereqs = subprocess.run(["sh", str(hook), "prereqs"], capture_output=True, text=True)
+    assert prereqs.returncode == 0 and prereqs.stdout.strip() == ""

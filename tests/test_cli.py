@@ -91,3 +91,16 @@ def test_runner_bundle_runs_with_a_plain_python(tmp_path: Path) -> None:
     proc = subprocess.run(["/usr/bin/python3", "-I", str(bundle), "run", "--help"],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and "--workdir" in proc.stdout
+
+
+def test_efi_from_an_lsi_controller_is_refused_before_building(tmp_path: Path) -> None:
+    """QEMU's EFI firmware has no LSI Logic driver, so the validation boot of such an image
+    would wait in the UEFI shell until its timeout: the build says so at once (exit 2) and
+    builds nothing; with --no-validate it is left to VMware, which boots it."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(GOOD + "guest:\n  firmware: efi\noutput:\n  disk_controller: lsilogic\n")
+    out = tmp_path / "out"
+    proc = run_vmbuild(recipe, "-o", out, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert "OVMF" in proc.stderr and "--no-validate" in proc.stderr
+    assert "Traceback" not in proc.stderr and not out.exists()

@@ -25,11 +25,11 @@ from vmbuild.recipe import Recipe, recipe_to_dict
 from vmbuild.runner.accel import best_accelerator
 from vmbuild.runner.qemu_devices import find_ovmf
 from vmbuild.stages import bootpath, kernel_modules
-from vmbuild.stages.artifact import render_vmx
+from vmbuild.stages.artifact import render_vmx, write_transport
 from vmbuild.stages.base import BaseImage, ensure_base
 from vmbuild.stages.packer import PackerJob, PackerRun, packer_version, write_template
 from vmbuild.stages.playbook import write_playbook
-from vmbuild.stages.validate import BootSpec, result_data, validate_image
+from vmbuild.stages.validate import BootSpec, qemu_cannot_boot, result_data, validate_image
 from vmbuild.tools import run_tool
 
 MANIFEST = "manifest.json"
@@ -113,9 +113,12 @@ def build_image(recipe: Recipe, options: BuildOptions, report: Reporter) -> Buil
     started = time.monotonic()
     out = options.output_dir.resolve()
     _check_output_dir(out)
-    for tool in ("packer", "qemu-img", "qemu-system-x86_64", "ssh-keygen"):
+    for tool in ("packer", "qemu-img", "qemu-system-x86_64", "ssh-keygen", "zstd"):
         if shutil.which(tool) is None:
             raise UsageError(f"{tool} is not installed: see the README's set-up")
+    why = qemu_cannot_boot(recipe.guest.firmware, recipe.output.disk_controller)
+    if options.validate and why:
+        raise UsageError(f"{recipe.path}: {why}")
     timings: dict[str, float] = {}
 
     t = time.monotonic()
@@ -241,7 +244,7 @@ def _allocated(path: Path) -> int:
 
 def _artifact(recipe: Recipe, base: BaseImage, packer: str, disk: Path, work: Path,
               staged: Path, report: Reporter) -> dict[str, Any]:
-    with Stage(report, "artifact", f"writing the VMware image ({recipe.output.vmdk})"):
+    with Stage(report, "artifact", f"writing the VMware image ({recipe.output.vmdk})") as stage:
         vmdk = staged / f"{recipe.name}.vmdk"
         subformat = recipe.output.vmdk
         adapter = {"pvscsi": "lsilogic", "lsilogic": "lsilogic", "sata": "ide",
@@ -252,6 +255,11 @@ def _artifact(recipe: Recipe, base: BaseImage, packer: str, disk: Path, work: Pa
               str(disk), str(vmdk)], "converting to VMDK")
         vmx = staged / f"{recipe.name}.vmx"
         vmx.write_text(render_vmx(recipe, vmdk.name))
+        # What schedulers ship (a streamOptimized VMDK is compressed already).
+        transport = write_transport(vmdk) if subformat == "monolithicSparse" else None
+        if transport is not None:
+            stage.step(f"transport form {transport['file']}: {transport['size'] / MIB:.1f} "
+                       f"MiB (zstd {transport['zstd']}, {transport['seconds']} s)")
         info = json.loads(run_tool(["qemu-img", "info", "--output=json", "-U", str(disk)],
                                "qemu-img info"))
         packages_file = work / "packages.json"
@@ -273,7 +281,9 @@ def _artifact(recipe: Recipe, base: BaseImage, packer: str, disk: Path, work: Pa
                       "modules_kept": kernel_modules.manifest_entry(recipe)},
             "sizes": {"virtual": int(info.get("virtual-size", 0)),
                       "allocated": _allocated(base.disk) + _allocated(disk),
-                      "vmdk": vmdk.stat().st_size},
+                      "vmdk": vmdk.stat().st_size,
+                      **({"vmdk_zst": transport["size"]} if transport else {})},
+            "transport": transport,
             "packages": packages,
             "files": files,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

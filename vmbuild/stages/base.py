@@ -28,6 +28,7 @@ import hashlib
 import json
 import os
 import pwd
+import shlex
 import shutil
 import subprocess
 import sys
@@ -44,7 +45,7 @@ from vmbuild.stages import disk as diskimage
 from vmbuild.tools import find_tool, missing_tools, run_tool, tool_env
 
 # Bump when the base's construction changes in a way the settings below do not capture.
-BASE_FORMAT = 5
+BASE_FORMAT = 6
 GUEST_DIR = Path(__file__).parent.parent / "guest"
 BASE_GUEST_FILES = ("vmbuild-build-access", "vmbuild-build-access.service",
                     "10-vmbuild-dhcp.network")
@@ -54,8 +55,9 @@ BASE_GUEST_FILES = ("vmbuild-build-access", "vmbuild-build-access.service",
 # the initramfs nor systemd needs to check it. `init_on_free=1`: memory the guest frees is
 # zeroed, so a checkpoint (QEMU's migration skips zero pages; VMware's .vmem is compressed)
 # does not carry the stale contents of every page the boot used once and gave back.
+# `i8042.noaux`: no PS/2 mouse port, so no mouse driver probing it (a second under TCG).
 KERNEL_CMDLINE = ("console=tty0 console=ttyS0,115200 net.ifnames=0 quiet fsck.mode=skip "
-                  "init_on_free=1")
+                  "init_on_free=1 i8042.noaux")
 
 # Packages every image needs: systemd as init, udev for device links, sshd and python3 so the
 # build can provision with Ansible, resolved so a networked job has DNS, zstd so the
@@ -67,8 +69,12 @@ BASE_PACKAGES = ("systemd-sysv", "udev", "kmod", "initramfs-tools", "openssh-ser
 # QEMU's stand-ins for them: lsilogic boots as lsi53c895a there, hence sym53c8xx; the build
 # VM itself boots from virtio-scsi, see stages/packer.py) instead of
 # initramfs-tools' default "most" (every storage driver: 15 MiB of initrd, seconds to unpack
-# and probe under TCG). Modules built into a kernel are skipped by mkinitramfs.
+# and probe under TCG). Modules built into a kernel are skipped by mkinitramfs. They are added
+# by a hook, not listed in modules.d: a listed module is loaded at every boot whether or not its
+# device is there (each one's probe was a fraction of a second under TCG); added, it is loaded
+# by the initramfs' udev only for the controller the VM has.
 INITRAMFS_CONF = "MODULES=list\nCOMPRESS=zstd\n"
+INITRAMFS_HOOK = "/etc/initramfs-tools/hooks/vmbuild"
 INITRAMFS_MODULES = ("vmw_pvscsi", "mptspi", "mptsas", "sym53c8xx", "ahci", "nvme",
                      "virtio_pci", "virtio_scsi", "sd_mod", "ext4")
 # Debian's merged /usr made by mmdebstrap's own hook, as debootstrap does: otherwise apt
@@ -343,12 +349,23 @@ def _stream(argv: list[str], stage: Stage, what: str) -> None:
         raise BuildError(f"{what} failed with exit status {status}:\n  " + "\n  ".join(tail))
 
 
+def initramfs_hook_script(modules: tuple[str, ...]) -> str:
+    """An initramfs-tools hook that puts the drivers in the initramfs without loading them
+    (`manual_add_modules` skips, quietly, a module the kernel lacks or has built in)."""
+    names = " ".join(shlex.quote(m) for m in modules)
+    return ("#!/bin/sh\n# vmbuild: the virtual disk controllers' drivers (stages/base.py)\n"
+            'PREREQ=""\nprereqs() { echo "$PREREQ"; }\n'
+            'case "$1" in prereqs) prereqs; exit 0 ;; esac\n'
+            ". /usr/share/initramfs-tools/hook-functions\n"
+            f"manual_add_modules {names}\n")
+
+
 def _build(settings: BaseSettings, work: Path, stage: Stage) -> dict[str, object]:
     rootfs = work / "rootfs"
     mode = "unshare" if rootless() else "root"
-    initramfs_conf, initramfs_modules = work / "initramfs.conf", work / "initramfs.modules"
+    initramfs_conf, initramfs_hook = work / "initramfs.conf", work / "initramfs.hook"
     initramfs_conf.write_text(settings.initramfs_conf)
-    initramfs_modules.write_text("\n".join(settings.initramfs_modules) + "\n")
+    initramfs_hook.write_text(initramfs_hook_script(settings.initramfs_modules))
     argv = ["mmdebstrap", "--variant=minbase", f"--mode={mode}", "--format=directory",
             "--include=" + ",".join(settings.packages),
             "--aptopt=Acquire::Retries=3",
@@ -356,10 +373,10 @@ def _build(settings: BaseSettings, work: Path, stage: Stage) -> dict[str, object
             *([f"--hook-dir={MERGED_USR_HOOKS}"] if MERGED_USR_HOOKS.is_dir() else []),
             # Before the kernel is installed, so its initramfs is built this way from the start.
             '--essential-hook=mkdir -p "$1/etc/initramfs-tools/conf.d" '
-            '"$1/usr/share/initramfs-tools/modules.d"',
+            '"$1/etc/initramfs-tools/hooks"',
             f"--essential-hook=upload {initramfs_conf} /etc/initramfs-tools/conf.d/vmbuild.conf",
-            f"--essential-hook=upload {initramfs_modules} "
-            "/usr/share/initramfs-tools/modules.d/vmbuild",
+            f"--essential-hook=upload {initramfs_hook} {INITRAMFS_HOOK}",
+            f'--essential-hook=chmod 0755 "$1{INITRAMFS_HOOK}"',
             settings.release, str(rootfs), *settings.sources]
     _stream(as_guest_root(argv), stage, f"mmdebstrap (--mode={mode})")
 
@@ -380,7 +397,7 @@ def _build(settings: BaseSettings, work: Path, stage: Stage) -> dict[str, object
              "converting the base disk to qcow2")
     raw.unlink()
     initramfs_conf.unlink()
-    initramfs_modules.unlink()
+    initramfs_hook.unlink()
     packages_installed: dict[str, str] = json.loads(packages.read_text())
     spec.unlink()
     packages.unlink()

@@ -31,6 +31,7 @@ from vmbuild.events import Event, Reporter, Stage
 from vmbuild.runner import core
 from vmbuild.runner.accel import best_accelerator, qemu_binary
 from vmbuild.runner.contract import CONSOLE_LOG, parse_control
+from vmbuild.runner.vmx import load_vmx, vmx_info
 from vmbuild.stages.artifact import lint_vmx
 
 DEFAULT_BOOT_TIMEOUT = 600.0  # TCG boots take ~20 s; the job's own time comes on top
@@ -234,6 +235,21 @@ def _output_reasons(result: BootResult, spec: BootSpec) -> list[str]:
     return [f"no line of the job's output matched {spec.expect_output!r}"]
 
 
+# QEMU's EFI firmware (Debian's OVMF) has drivers for virtio, PVSCSI, AHCI and NVMe disks but
+# not for the LSI Logic and BusLogic controllers (their drivers are left out of its build): a
+# validation boot of such an image stops in the UEFI shell ("map: No mapping found").
+QEMU_EFI_CANNOT_BOOT = ("lsilogic", "lsisas1068", "buslogic")
+
+
+def qemu_cannot_boot(firmware: str, controller: str) -> str | None:
+    """Why the QEMU validation boot cannot start this hardware, or None. VMware boots it."""
+    if firmware == "efi" and controller in QEMU_EFI_CANNOT_BOOT:
+        return (f"the QEMU validation boot cannot boot firmware: efi from a {controller} disk "
+                "controller (QEMU's EFI firmware, OVMF, has no driver for it; VMware does): "
+                "use pvscsi, sata or nvme with efi, or skip the boot test with --no-validate")
+    return None
+
+
 def validate_image(vmx: Path, report: Reporter, *, boot_test: bool = True,
                    spec: BootSpec | None = None, logs: Path | None = None) -> BootResult | None:
     """Lint, then boot; raise ValidationError with every reason found."""
@@ -244,6 +260,10 @@ def validate_image(vmx: Path, report: Reporter, *, boot_test: bool = True,
         raise ValidationError(f"{vmx}: the image failed its lint:\n  - " + "\n  - ".join(problems))
     if not boot_test:
         return None
+    info = vmx_info(load_vmx(vmx))
+    why = qemu_cannot_boot(info.firmware, info.disks[0].controller) if info.disks else None
+    if why:
+        raise ValidationError(f"{vmx}: {why}")
     what = f"boot test of {vmx.name} (QEMU, {best_accelerator()}; until {spec.until})"
     with Stage(report, "validate", what):
         result = boot(vmx, report, spec, keep_logs=logs)
