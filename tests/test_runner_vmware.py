@@ -675,3 +675,93 @@ def test_a_stale_lock_is_removed_at_start(tmp_path: Path,
     third = start(image, work, env)
     assert third.wait(60) == 0, third.describe()
     assert third.numbers == list(range(1, 61)), "nothing saved since the crash: afresh"
+
+
+# --------------------------------------------------------------------------- transport form
+
+
+def transport_only(root: Path) -> Path:
+    """The filled image as `vmbuild submit` ships it: its .vmx and tiny.vmdk.zst, no
+    tiny.vmdk (zstd --rm); the original is kept beside the image for comparisons."""
+    vmx = filled_image(root)
+    shutil.copy(root / "tiny.vmdk", root.parent / "original.vmdk")
+    subprocess.run(["zstd", "-q", "--rm", str(root / "tiny.vmdk")], check=True)
+    return vmx
+
+
+def expansions(work: Path) -> list[Path]:
+    return sorted(work.glob("expanded-*"))
+
+
+needs_zstd = pytest.mark.skipif(shutil.which("zstd") is None, reason="needs zstd")
+
+
+@needs_zstd
+def test_transport_form_runs_end_to_end(tmp_path: Path, standin_env: dict[str, str]) -> None:
+    """Only .vmx + .vmdk.zst: the runner expands the disk once into the work directory, the
+    children are made over that monolithicSparse VMDK (the stand-in checks the chain), the
+    job gets its inputs and returns its outputs, result.json says what the expansion cost;
+    the image is not touched and the expansion is gone when the runner leaves."""
+    image = transport_only(tmp_path / "image")
+    before = fingerprint(image.parent)
+    env = {**standin_env, "VMRUN_STANDIN_COUNT": "5"}
+    work, out = tmp_path / "work", tmp_path / "out"
+    runner = start(image, work, env, "--arg", "zst", "--output-dir", str(out))
+    assert runner.wait(60) == 0, runner.describe()
+    assert any(line.startswith("vmbuild-run: expanded tiny.vmdk.zst (") and " MiB in " in line
+               for line in runner.err), runner.describe()
+    assert runner.numbers == [1, 2, 3, 4, 5]
+    assert json.loads((out / "standin-result.txt").read_text())["args"] == ["zst"]
+    system = Path(attached(env)[0]["file"])
+    assert system.name == "system.vmdk"
+    result = json.loads((work / "result.json").read_text())
+    [record] = result["expansions"]
+    assert record["source"] == "tiny.vmdk.zst" and record["reused"] is False
+    assert record["expanded_bytes"] == (tmp_path / "original.vmdk").stat().st_size
+    assert result["expansion_seconds"] == pytest.approx(record["seconds"])
+    assert fingerprint(image.parent) == before
+    assert expansions(work) == [], "the image travels in, never back with the work dir"
+
+
+@needs_zstd
+def test_transport_suspend_resume_reuses_the_expansion(tmp_path: Path,
+                                                       standin_env: dict[str, str]) -> None:
+    """With --keep-base the expansion stays in the work directory across suspends: the
+    resumes reuse it (no second zstd run); the child's parent is the expanded VMDK, whose
+    content ID is the image's; without --keep-base the last run removes it."""
+    image = transport_only(tmp_path / "image")
+    env = {**standin_env, "VMRUN_STANDIN_COUNT": "40"}
+    work = tmp_path / "work"
+    first = suspended(image, work, env, 3, "--keep-base")
+    [expanded] = expansions(work)
+    fields = descriptor(work / "vm" / "system.vmdk")
+    assert fields["parentFileNameHint"] == str(expanded / "tiny.vmdk")
+    assert fields["parentCID"] == descriptor(tmp_path / "original.vmdk")["CID"]
+    second = suspended(image, work, env, first.numbers[-1] + 3, "--keep-base")
+    assert any("using expanded-" in line and "by an earlier run" in line
+               for line in second.err), second.describe()
+    assert not any("expanded tiny.vmdk.zst" in line for line in second.err)
+    last = start(image, work, env)
+    assert last.wait(60) == 0, last.describe()
+    assert first.numbers + second.numbers + last.numbers == list(range(1, 41))
+    assert len(set(boot_ids(work))) == 1, "the same boot resumed"
+    result = json.loads((work / "result.json").read_text())
+    assert [e["reused"] for e in result["expansions"]] == [False, True, True]
+    assert expansions(work) == []
+
+
+@needs_zstd
+def test_transport_resume_after_leaving_expands_again(tmp_path: Path,
+                                                      standin_env: dict[str, str]) -> None:
+    """By default the expansion leaves with the runner; the resume expands the .zst again,
+    to the same bytes, so the suspended children's parent content ID still matches."""
+    image = transport_only(tmp_path / "image")
+    env = {**standin_env, "VMRUN_STANDIN_COUNT": "30"}
+    work = tmp_path / "work"
+    first = suspended(image, work, env, 3)
+    assert expansions(work) == []
+    last = start(image, work, env)
+    assert last.wait(60) == 0, last.describe()
+    assert any("expanded tiny.vmdk.zst" in line for line in last.err), last.describe()
+    assert first.numbers + last.numbers == list(range(1, 31))
+    assert len(set(boot_ids(work))) == 1

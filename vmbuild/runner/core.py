@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .contract import (
     EXIT_CHECKPOINTED,
@@ -45,6 +45,9 @@ from .contract import (
     JobReport,
 )
 
+if TYPE_CHECKING:
+    from .transport import Expansion
+
 MANIFEST = "checkpoint.json"
 MANIFEST_VERSION = 1
 RESULT = "result.json"
@@ -53,7 +56,7 @@ LOCK = "runner.lock"
 #: so a work directory that also holds a user's files does not lose them.
 _OWNED = re.compile(
     r"^(?:.*\.qcow2|.*\.mig|.*\.mig\.zst|.*\.tmp|.*\.raw|.*\.vmss|.*\.vmem|.*\.vmdk"
-    r"|.*\.vmx|\.stage-.*)$"
+    r"|.*\.vmx|\.stage-.*|expanded-[0-9a-f]{16})$"
 )
 #: Logs kept across runs (appended to), never collected.
 LOGS = ("console.log", "job.log", "control.log", "qemu.log")
@@ -66,7 +69,8 @@ exit status:
   {EXIT_CHECKPOINTED}   the VM was checkpointed to the work directory and the runner left
        (the checkpoint exit code, --checkpoint-exit-code); run again to resume.
        Also when the save failed (a full disk): the previous checkpoint is kept
-  {EXIT_VM_START_FAILED}   the VM failed to start (or to resume from its checkpoint)
+  {EXIT_VM_START_FAILED}   the VM failed to start (or to resume from its checkpoint; also: an
+       image shipped as NAME.vmdk.zst on a host without zstd)
   {EXIT_JOB_TIMEOUT}   the job timed out (--timeout, or the image's own job timeout)
   {EXIT_VM_DIED}   the VM stopped without reporting a job status (crash, poweroff, kill);
        if QEMU died after a checkpoint, that checkpoint is kept: run again to resume
@@ -460,6 +464,9 @@ class Backend:
         self.stop_reason: str | None = None  # a STOP_REASONS key, once the VM is gone
         self.outcome: RunOutcome | None = None  # set by drive() when the run ends
         self.resume_failures = 0  # refused resumes that restarted the job (result.json)
+        # Image disks expanded from their transport form (.vmdk.zst) by this job's runs, each
+        # as transport.Expansion.as_json(); carried in the checkpoint, kept in result.json.
+        self.expansions: list[dict[str, Any]] = []
 
     async def start(self) -> None:
         """Boot or resume the VM; return when it runs. RunnerError(90) when it cannot."""
@@ -494,6 +501,20 @@ class Backend:
 
     async def close(self) -> None:
         """Release everything (called in all cases)."""
+
+    def note_expansion(self, expansion: Expansion) -> None:
+        """An image disk came from its transport form (a ``transport.Expansion``): say how
+        long that took, and keep it for result.json."""
+        log(expansion.describe())
+        self.expansions.append(expansion.as_json())
+
+    def expansion_result(self) -> dict[str, Any]:
+        """result.json's part about transport forms: each expansion, and the seconds they
+        cost this job (a scheduler's bench reads the sum)."""
+        if not self.expansions:
+            return {}
+        seconds = sum(e["seconds"] for e in self.expansions if not e["reused"])
+        return {"expansions": self.expansions, "expansion_seconds": round(seconds, 3)}
 
     def vm_pid(self) -> int | None:
         """The hypervisor process running the guest, for usage accounting (None: unknown)."""
@@ -540,6 +561,7 @@ class Backend:
                                   "events": self.streams.report.events,
                                   "resume_failures": self.resume_failures,
                                   "finished": time.time()}
+        result.update(self.expansion_result())
         if outputs is not None:
             result["outputs"] = outputs
             result["dropped"] = outputs["dropped"]

@@ -103,9 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
                           "(restart, the default; counted in result.json) or exit 90 keeping "
                           "the checkpoint (fail)")
     run.add_argument("--keep-base", action="store_true",
-                     help="QEMU: keep the image's disk converted to qcow2 in the work directory "
-                          "after a checkpoint or the end (faster local resume; by default it is "
-                          "removed, so a scheduler moves only what the job wrote)")
+                     help="keep the image's disk converted to qcow2 (QEMU) and a transport "
+                          "form's expansion (NAME.vmdk.zst, both backends) in the work "
+                          "directory after a checkpoint or the end (faster local resume; by "
+                          "default they are removed, so a scheduler moves only what the job "
+                          "wrote)")
     run.add_argument("--console", action="store_true",
                      help="QEMU: show the guest's console (kernel and boot messages) live on "
                           "stderr, as well as in console.log")

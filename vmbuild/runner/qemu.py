@@ -1,7 +1,11 @@
 """The QEMU backend: boots the image's ``.vmx`` machine under QEMU and checkpoints it.
 
 Disks. The image's VMDK is converted once to a qcow2 base in the work directory (QEMU
-refuses to migrate a VM whose disk is a VMDK). Every disk (system, inputs, outputs) is a
+refuses to migrate a VM whose disk is a VMDK); an image shipped in its transport form
+(``NAME.vmdk.zst``, :mod:`.transport`) is expanded into the work directory first, and the
+base is named by the expanded disk's content key, the same as the plain VMDK's, so a
+checkpoint finds its base whichever form the next sandbox got. Both are removed when the
+runner leaves, unless ``--keep-base``. Every disk (system, inputs, outputs) is a
 chain of qcow2 layers: frozen layers, each matching a published checkpoint, and one
 writable top layer. The runner builds each chain explicitly with ``-blockdev`` (the backing
 of every layer is given by node name, not read from the file), so a work directory moved to
@@ -46,7 +50,7 @@ from typing import Any
 
 from qemu.qmp import QMPClient  # type: ignore[import-untyped,unused-ignore]
 
-from . import jobio
+from . import jobio, transport
 from .accel import best_accelerator, qemu_binary
 from .contract import EXIT_VM_START_FAILED
 from .core import (
@@ -202,6 +206,7 @@ class QemuBackend(Backend):
         self.pumps: list[asyncio.Task[None]] = []
         self.watcher: asyncio.Task[None] | None = None
         self.free_at_failure: int | None = None  # bytes free when a save failed
+        self.base_names: set[str] = set()  # the image's qcow2 base, once this run knows it
 
     # ---------------------------------------------------------------- preparation
 
@@ -211,6 +216,7 @@ class QemuBackend(Backend):
         manifest = wd.load_manifest()
         info = self.info
         if manifest is not None:
+            self.expansions = list(manifest.get("expansions", []))
             keep = manifest_files(manifest)
             wd.collect(keep + self._cached_base_names(manifest))
             self._ensure_bases(vmx_path, manifest)
@@ -252,15 +258,25 @@ class QemuBackend(Backend):
             self.tops[disk] = top
 
     def _image_disk(self, vmx_path: Path) -> Path:
-        vmdk = vmx_path.parent / self.info.disks[0].file_name
-        if not vmdk.is_file():
-            raise RunnerError(f"{vmdk}: the VM's disk is missing")
-        return vmdk
+        """The image's VMDK: its own, or its transport form expanded in the work directory
+        (once; a complete earlier expansion is reused)."""
+        file_name = self.info.disks[0].file_name
+        vmdk = vmx_path.parent / file_name
+        if vmdk.is_file():
+            return vmdk
+        zst = transport.transport_file(vmx_path.parent, file_name)
+        if zst is None:
+            raise RunnerError(f"{vmdk}: the VM's disk is missing (and no {vmdk.name}"
+                              f"{transport.SUFFIX} beside it)")
+        disk, expansion = transport.expand(zst, self.wd.path)
+        self.note_expansion(expansion)
+        return disk
 
     def _convert_base(self, vmdk: Path, expected: str | None) -> str:
         """The image's disk as a qcow2 base in the work directory (QEMU cannot migrate a
         VM whose disk is a VMDK); `expected` is the name a checkpoint recorded."""
         base = f"base-{source_key(vmdk)}.qcow2"
+        self.base_names.add(base)
         if expected is not None and base != expected:
             raise RunnerError(f"the checkpoint in {self.wd.path} belongs to another image "
                               f"(its disk was {expected}, {vmdk.name} is {base})")
@@ -279,7 +295,8 @@ class QemuBackend(Backend):
                     self._convert_base(self._image_disk(vmx_path), layer["file"])
 
     def _drop_bases(self) -> None:
-        """Leave only what the job wrote: the base is remade from the image on resume."""
+        """Leave only what the job wrote: the base (and the image disk expanded from its
+        transport form) is remade from the image on resume."""
         if self.options.keep_base:
             return
         for chain in self.chains.values():
@@ -287,6 +304,9 @@ class QemuBackend(Backend):
                 if layer.get("base"):
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(self.wd.path / layer["file"])
+        with contextlib.suppress(AttributeError, IndexError):
+            transport.drop(self.wd.path, self.options.vmx.parent,
+                           [self.info.disks[0].file_name])
 
     def _compact(self) -> None:
         """Merge the frozen layers above each base into one (periodic checkpoints add a
@@ -306,13 +326,20 @@ class QemuBackend(Backend):
         log(f"merged the checkpoint's disk layers ({', '.join(self.chains)})")
 
     def _cached_base_names(self, manifest: dict[str, Any] | None) -> list[str]:
-        """The converted base of the current image is kept (a cache) even when unused."""
-        names = []
+        """The converted base of the current image is kept (a cache) even when unused, and
+        so is the image disk expanded from its transport form, which names that base."""
+        names = sorted(self.base_names)
         try:
-            vmdk = self.options.vmx.parent / self.info.disks[0].file_name
+            image_dir, file_name = self.options.vmx.parent, self.info.disks[0].file_name
+        except (AttributeError, IndexError):
+            return names
+        vmdk = image_dir / file_name
+        with contextlib.suppress(OSError, RunnerError):
+            expanded = transport.kept_names(image_dir, [file_name])
+            names += expanded
+            if expanded:
+                vmdk = self.wd.path / expanded[0] / Path(file_name).name
             names.append(f"base-{source_key(vmdk)}.qcow2")
-        except (OSError, IndexError):
-            pass
         return names
 
     def _argv(self) -> tuple[list[str], list[int], dict[str, socket.socket]]:
@@ -610,6 +637,7 @@ class QemuBackend(Backend):
                 "memory_mib": self.info.memory_mib,
                 "accel": self.accel,
                 "vmx": self.options.vmx.name,
+                "expansions": self.expansions,
             }
             await asyncio.to_thread(self.wd.publish, manifest)
         except BaseException:
@@ -672,7 +700,8 @@ class QemuBackend(Backend):
             log(f"checkpoint {kept} is kept: run again on {self.wd.path} to resume from it "
                 "(what the job did after it is lost)")
             result = {"status": status, "job_status": None, "checkpoint_kept": kept,
-                      "vm_error": self.vm_error, "finished": time.time()}
+                      "vm_error": self.vm_error, "finished": time.time(),
+                      **self.expansion_result()}
             (self.wd.path / RESULT).write_text(json.dumps(result, indent=1) + "\n")
             self._drop_bases()
             return status

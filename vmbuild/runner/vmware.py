@@ -9,7 +9,12 @@ the work directory holds. The VM's own ``.vmx`` (the image's, with the children 
 job's input and output disks) lives in ``WORKDIR/vm/`` too; the extra disks go on the boot
 disk's controller under the device keys VMware reads (``scsi0:1``, ``sata0:1``,
 ``nvme0:1``), as VMDKs made with ``qemu-img`` from the ext4 images of :mod:`jobio` whose
-``ddb.adapterType`` fits that controller.
+``ddb.adapterType`` fits that controller. An image shipped in its transport form
+(``NAME.vmdk.zst`` and no ``NAME.vmdk``, :mod:`.transport`) is expanded once into
+``WORKDIR/expanded-KEY/NAME.vmdk``, a monolithicSparse VMDK that is then the children's
+parent exactly as the image's own disk would be. It is removed when the runner leaves
+(unless ``--keep-base``): a resume expands it again, byte for byte the same, so the content
+key and the parent's CID still match.
 
 Running. ``vmrun -T TYPE start VM.vmx nogui`` starts it; VMware's file-backed serial ports
 write ``job.log`` and ``control.log`` beside the ``.vmx``, which the runner follows (reading
@@ -65,7 +70,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import jobio
+from . import jobio, transport
 from .core import (
     Backend,
     JobStreams,
@@ -273,6 +278,8 @@ class VmwareBackend(Backend):
         # One record per child disk: device key, child file, the image disk it was made
         # over (as the image's .vmx names it) and that disk's content key.
         self.disks: list[dict[str, str]] = []
+        # Image disks expanded from their transport form in this run: .vmx name -> VMDK.
+        self.expanded: dict[str, Path] = {}
 
     # ---------------------------------------------------------------- preparation
 
@@ -287,7 +294,8 @@ class VmwareBackend(Backend):
         manifest = {"version": 1, "backend": "vmware", "vmx": f"{VM_DIR}/{self.vmx.name}",
                     "state": state, "disks": self.disks, "files": files,
                     "offsets": self.offsets, "events": self.streams.report.events,
-                    "resume_failures": self.resume_failures, "published": time.time()}
+                    "resume_failures": self.resume_failures, "expansions": self.expansions,
+                    "published": time.time()}
         write_atomic(self.wd.path / VMWARE_MANIFEST,
                      json.dumps(manifest, indent=1).encode() + b"\n")
 
@@ -305,10 +313,35 @@ class VmwareBackend(Backend):
         return mapping, info
 
     def _image_disk(self, disk: VmxDisk) -> Path:
-        path = Path(os.path.abspath(self.options.vmx.parent / disk.file_name))
-        if not path.is_file():
+        """The image's VMDK for ``disk``: its own, or its transport form expanded into the
+        work directory (once; the children's parent is then that monolithicSparse VMDK)."""
+        image_dir = self.options.vmx.parent
+        path = Path(os.path.abspath(image_dir / disk.file_name))
+        if path.is_file():
+            return path
+        if disk.file_name in self.expanded:
+            return self.expanded[disk.file_name]
+        zst = transport.transport_file(image_dir, disk.file_name)
+        if zst is None:
             raise RunnerError(f"{path}: the image's disk ({disk.key}) is missing", 2)
-        return path
+        expanded, expansion = transport.expand(zst, self.wd.path)
+        self.note_expansion(expansion)
+        self.expanded[disk.file_name] = Path(os.path.abspath(expanded))
+        return self.expanded[disk.file_name]
+
+    def _image_disk_names(self) -> list[str]:
+        try:
+            return [disk.file_name for disk in self._image()[1].disks]
+        except RunnerError:
+            return []
+
+    def _drop_expansions(self) -> None:
+        """The runner leaves: the expanded image disks go (the image travels in, never back
+        with the work directory), unless --keep-base. A resume expands them again, to the
+        same bytes, so the children's parent content ID still matches."""
+        if not self.options.keep_base:
+            transport.drop(self.wd.path, self.options.vmx.parent, self._image_disk_names())
+            self.expanded.clear()
 
     def _fresh_vm(self, reuse_input: Path | None = None) -> None:
         """Make vm/ (in a staging directory renamed into place): a child disk over each of
@@ -482,13 +515,15 @@ class VmwareBackend(Backend):
         self.streams.reset()
 
     async def start(self) -> None:
-        self._image()  # refuse an image naming files outside its directory, first
+        _mapping, info = self._image()  # refuse an image naming outside files, first
         self.wd.ensure()
-        self.wd.collect([])
+        self.wd.collect(transport.kept_names(self.options.vmx.parent,
+                                             [disk.file_name for disk in info.disks]))
         manifest = self._manifest()
         if manifest is not None:
             self.resume_failures = int(manifest.get("resume_failures", 0))
             self.disks = list(manifest.get("disks", []))
+            self.expansions = list(manifest.get("expansions", []))
         if self.vmx.exists():
             await self._reclaim()
         vmss = list(self.vm_dir.glob("*.vmss")) if self.vm_dir.is_dir() else []
@@ -642,7 +677,9 @@ class VmwareBackend(Backend):
         await asyncio.to_thread(self._publish, "suspended")
         self.checkpointed = True
         log(f"VM suspended in {time.monotonic() - t0:.1f}s")
-        if not leave:
+        if leave:
+            await asyncio.to_thread(self._drop_expansions)
+        else:
             rc, out = await self.vmrun("start", str(self.vmx), "nogui")
             if rc != 0:
                 raise RunnerError(f"vmrun start (after a periodic checkpoint) failed: {out}")
@@ -664,6 +701,7 @@ class VmwareBackend(Backend):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.wd.path / VMWARE_MANIFEST)
         shutil.rmtree(self.vm_dir, ignore_errors=True)
+        await asyncio.to_thread(self._drop_expansions)
         return final
 
     def vm_pid(self) -> int | None:
