@@ -21,6 +21,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -763,5 +764,140 @@ def test_transport_resume_after_leaving_expands_again(tmp_path: Path,
     last = start(image, work, env)
     assert last.wait(60) == 0, last.describe()
     assert any("expanded tiny.vmdk.zst" in line for line in last.err), last.describe()
+    assert first.numbers + last.numbers == list(range(1, 31))
+    assert len(set(boot_ids(work))) == 1
+
+
+# --------------------------------------------------------------------------- compressed memory
+
+
+MiB = 1 << 20
+
+
+@needs_zstd
+def test_compressed_memory_round_trip(tmp_path: Path, standin_env: dict[str, str]) -> None:
+    """A checkpoint left behind holds the memory as .vmem.zst (a fraction of memsize), the
+    record names it, the log says the sizes; the resume expands it back to the .vmem the
+    stand-in checks (size and content) and the same boot continues."""
+    image = make_image(tmp_path / "image", "pvscsi")
+    env = {**standin_env, "VMRUN_STANDIN_COUNT": "30"}
+    work = tmp_path / "work"
+    first = suspended(image, work, env, 3)
+    vm = work / "vm"
+    assert not (vm / "tiny.vmem").exists()
+    packed = (vm / "tiny.vmem.zst").stat().st_size
+    assert packed < 512 * MiB // 4, packed
+    assert "tiny.vmem.zst" in json.loads((work / "vmware.json").read_text())["files"]
+    line = next(line for line in first.err if "VM suspended in" in line)
+    assert f"tiny.vmem 512 MiB -> tiny.vmem.zst {packed / MiB:.1f} MiB in " in line, line
+    assert "MiB in the work directory)" in line
+    last = start(image, work, env)
+    assert last.wait(60) == 0, last.describe()
+    assert any(f"expanded tiny.vmem.zst ({packed / MiB:.1f} MiB) to tiny.vmem (512 MiB)" in
+               line for line in last.err), last.describe()
+    assert first.numbers + last.numbers == list(range(1, 31))
+    assert len(set(boot_ids(work))) == 1
+
+
+@needs_zstd
+def test_standin_refuses_a_missing_or_wrong_memory_file(tmp_path: Path,
+                                                        standin_env: dict[str, str]) -> None:
+    """As VMware: no resume without the .vmem, or with one of another size; stricter: nor
+    with one whose content differs from what was saved. The right one resumes."""
+    image = make_image(tmp_path / "image", "pvscsi")
+    env = {**standin_env, "VMRUN_STANDIN_COUNT": "30"}
+    work = tmp_path / "work"
+    first = suspended(image, work, env, 3)
+    vm = work / "vm"
+    vmx = vm / "tiny.vmx"
+    rc, out = vmrun_rc(env, "start", str(vmx), "nogui")
+    assert rc == 255 and "Cannot open the memory file" in out, out
+    subprocess.run(["zstd", "-q", "-d", "-k", str(vm / "tiny.vmem.zst")], check=True)
+    good = (vm / "tiny.vmem").read_bytes()
+    with open(vm / "tiny.vmem", "r+b") as f:
+        f.truncate(256 * MiB)
+    rc, out = vmrun_rc(env, "start", str(vmx), "nogui")
+    assert rc == 255 and "bytes, but the virtual machine was suspended with" in out, out
+    offset = json.loads((vm / "tiny.vmss").read_text())["memory"]["regions"][0][0]
+    broken = bytearray(good)
+    broken[offset + 100] ^= 0xFF
+    (vm / "tiny.vmem").write_bytes(bytes(broken))
+    rc, out = vmrun_rc(env, "start", str(vmx), "nogui")
+    assert rc == 255 and "does not hold what the virtual machine saved" in out, out
+    assert running(env) == []
+    (vm / "tiny.vmem").unlink()  # the runner expands the .zst again
+    last = start(image, work, env)
+    assert last.wait(60) == 0, last.describe()
+    assert first.numbers + last.numbers == list(range(1, 31))
+
+
+FAKE_ZSTD = """\
+#!{python}
+# zstd for this test: compressing (-1) writes part of the output, says so and hangs until
+# the test SIGKILLs it; anything else is the real zstd.
+import os, sys, time
+if "-1" not in sys.argv or "-d" in sys.argv:
+    os.execv({real!r}, [{real!r}, *sys.argv[1:]])
+out = sys.argv[sys.argv.index("-o") + 1]
+with open(out, "wb") as f:
+    f.write(b"\\x28\\xb5\\x2f\\xfd" + bytes(4096))
+open({ready!r}, "w").write(str(os.getpid()))
+time.sleep(600)
+"""
+
+
+@needs_zstd
+def test_sigkill_during_memory_compression(tmp_path: Path,
+                                           standin_env: dict[str, str]) -> None:
+    """The runner is SIGKILLed while zstd compresses the .vmem (VMware's suspend is done):
+    the suspended VM is intact (.vmss + .vmem; the half-written .zst is never read), the
+    next run resumes it, nothing is lost, nothing runs twice."""
+    image = make_image(tmp_path / "image", "pvscsi")
+    fake = tmp_path / "bin" / "zstd"
+    fake.parent.mkdir()
+    ready = tmp_path / "zstd-ready"
+    fake.write_text(FAKE_ZSTD.format(python=sys.executable, real=shutil.which("zstd"),
+                                     ready=str(ready)))
+    fake.chmod(0o755)
+    env = {**standin_env, "VMRUN_STANDIN_COUNT": "30"}
+    hanging = {**env, "PATH": f"{fake.parent}{os.pathsep}{env['PATH']}"}
+    work = tmp_path / "work"
+    first = start(image, work, hanging)
+    first.wait_number(3, timeout=60)
+    first.signal(signal.SIGUSR1)
+    deadline = time.monotonic() + 60
+    while not ready.exists():
+        assert time.monotonic() < deadline, first.describe()
+        time.sleep(0.05)
+    first.signal(signal.SIGKILL)
+    first.wait(30)
+    os.kill(int(ready.read_text()), signal.SIGKILL)  # the fake zstd, started for this test
+    vm = work / "vm"
+    assert sorted(p.name for p in vm.glob("tiny.vmem*")) == ["tiny.vmem",
+                                                             "tiny.vmem.zst.partial"]
+    last = start(image, work, env)
+    assert last.wait(60) == 0, last.describe()
+    assert not any("expanded tiny.vmem.zst" in line for line in last.err)
+    assert set(first.numbers) | set(last.numbers) == set(range(1, 31))
+    assert last.numbers[-1] == 30 and len(set(boot_ids(work))) == 1
+
+
+@needs_zstd
+@pytest.mark.parametrize("left", ["both", "expanding"])
+def test_memory_states_a_kill_can_leave(left: str, tmp_path: Path,
+                                        standin_env: dict[str, str]) -> None:
+    """A kill after the .zst was renamed into place but before the .vmem went ("both"), or
+    while the resume expanded it ("expanding": a half .vmem.partial): either resumes."""
+    image = make_image(tmp_path / "image", "pvscsi")
+    env = {**standin_env, "VMRUN_STANDIN_COUNT": "30"}
+    work = tmp_path / "work"
+    first = suspended(image, work, env, 3)
+    vm = work / "vm"
+    if left == "both":
+        subprocess.run(["zstd", "-q", "-d", "-k", str(vm / "tiny.vmem.zst")], check=True)
+    else:
+        (vm / "tiny.vmem.partial").write_bytes(bytes(MiB))
+    last = start(image, work, env)
+    assert last.wait(60) == 0, last.describe()
     assert first.numbers + last.numbers == list(range(1, 31))
     assert len(set(boot_ids(work))) == 1

@@ -28,14 +28,16 @@ so every few seconds ``vmrun list`` is asked too, and a VM it no longer names en
 
 Checkpoint. ``vmrun suspend VM.vmx hard|soft`` writes the ``.vmss`` (and ``.vmem``; and
 the ``.nvram`` under EFI is beside them); the runner waits (bounded) for VMware to release
-the ``.vmx.lck``, then publishes ``vmware.json`` atomically: the child disks with the
-content key of the image disk each was made over (:func:`core.source_key`), the control
-events seen, and how many resumes VMware refused. A checkpoint is therefore the children,
-the input and output disks, the saved state and the manifest: the image stays where it is.
-On resume, the image's content keys are checked first (another image is refused, exit 90,
-as by the QEMU backend) and each child's ``parentFileNameHint`` is rewritten in place to
-where the image is now, so a work directory moved to another path or machine, with the
-image copied elsewhere, resumes there.
+the ``.vmx.lck``; when the runner leaves the VM suspended, the memory file goes through
+``zstd -1`` (``.vmem.zst``, :mod:`.vmem`; expanded back before the resume); then it
+publishes ``vmware.json`` atomically: the child disks with the content key of the image
+disk each was made over (:func:`core.source_key`), the control events seen, and how many
+resumes VMware refused. A checkpoint is therefore the children, the input and output
+disks, the saved state and the manifest: the image stays where it is. On resume, the
+image's content keys are checked first (another image is refused, exit 90, as by the QEMU
+backend), the memory is expanded, and each child's ``parentFileNameHint`` is rewritten in
+place to where the image is now, so a work directory moved to another path or machine,
+with the image copied elsewhere, resumes there.
 
 Degrading. VMware refuses to resume on a host whose CPU features differ from the saving
 host's (and for other reasons). A ``vmrun start`` that fails while a suspended state exists
@@ -70,7 +72,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import jobio, transport
+from . import jobio, transport, vmem
 from .core import (
     Backend,
     JobStreams,
@@ -534,6 +536,8 @@ class VmwareBackend(Backend):
                 self.streams.restore(manifest.get("events", []))
             log(f"resuming the suspended VM ({vmss[0].name})")
             await asyncio.to_thread(self._relink_children)
+            for line in await asyncio.to_thread(vmem.unpack, self.vm_dir):
+                log(line)
             self._read_serial_names()
         else:
             if manifest is not None or self.vm_dir.exists():
@@ -665,18 +669,28 @@ class VmwareBackend(Backend):
         await self._stop_follower()
         rc, out = await self.vmrun("suspend", str(self.vmx), self.suspend_mode)
         if rc != 0:
-            if not self._lock_dir().exists():  # it powered off meanwhile: the job ended
-                self._drain()
-                self.exited.set()
-                return
+            if not self._lock_dir().exists() or await self._listed() is False:
+                # It powered off meanwhile (the job ended); VMware may still be releasing
+                # its lock, which must be gone before anything else touches the VM.
+                await self._wait_lock_released()
+                if not list(self.vm_dir.glob("*.vmss")):
+                    self._drain()
+                    self.exited.set()
+                    return
             raise RunnerError(f"vmrun suspend failed: {out}")
         await self._wait_lock_released()
         await asyncio.to_thread(self._serial_aside)
         if not list(self.vm_dir.glob("*.vmss")):
             raise RunnerError("vmrun suspend returned but no .vmss was written")
         await asyncio.to_thread(self._publish, "suspended")
+        packed = ""
+        if leave:  # a checkpoint left behind: its memory compressed, the record says so
+            packed = await asyncio.to_thread(self._pack_memory)
+            await asyncio.to_thread(self._publish, "suspended")
         self.checkpointed = True
-        log(f"VM suspended in {time.monotonic() - t0:.1f}s")
+        size = sum(p.stat().st_size for p in self.vm_dir.iterdir() if p.is_file())
+        log(f"VM suspended in {time.monotonic() - t0:.1f}s ({packed}{size / 1048576:.0f} MiB "
+            "in the work directory)")
         if leave:
             await asyncio.to_thread(self._drop_expansions)
         else:
@@ -684,6 +698,20 @@ class VmwareBackend(Backend):
             if rc != 0:
                 raise RunnerError(f"vmrun start (after a periodic checkpoint) failed: {out}")
             self.follower = asyncio.create_task(self._follow())
+
+    def _pack_memory(self) -> str:
+        """Compress the suspended VM's memory files (:mod:`.vmem`); the words for the log.
+        A host without zstd, or a failed compression, keeps the memory as VMware wrote it:
+        the checkpoint is valid either way, only larger."""
+        zstd = shutil.which("zstd")
+        if zstd is None:
+            return "memory not compressed: this host has no zstd; "
+        try:
+            done = vmem.pack(self.vm_dir, zstd)
+        except (RunnerError, OSError) as exc:
+            log(f"the memory stays uncompressed in the checkpoint: {exc}")
+            return ""
+        return "".join(f"{item.describe()}; " for item in done)
 
     async def pause(self) -> None:
         await self.vmrun("pause", str(self.vmx))
