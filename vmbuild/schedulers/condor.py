@@ -10,7 +10,9 @@ vanilla job whose executable is the runner bundle. What keeps a preempted VM fro
   outputs) back on eviction, and HTCondor brings it into the next sandbox;
 * ``checkpoint_exit_code = 85`` + ``transfer_checkpoint_files`` keep a checkpoint the runner
   takes and exits with, so the job restarts from it;
-* the base image travels in, never back: only the job directory is in the output lists.
+* the base image travels in, never back: only the job directory is in the output lists;
+  a disk with a transport form (``NAME.vmdk.zst``, written by the build) travels in that
+  form, and the runner expands it in the sandbox (:mod:`vmbuild.runner.transport`).
 
 The HTCondor manual presents eviction-time transfer and exit-driven self-checkpointing as
 alternatives and calls the first "risky" for large data. Both are kept, because on a real 25.0
@@ -199,6 +201,7 @@ def render_submit(vmx: str | Path, options: SubmitOptions | None = None, *,
             f"vmbuild {__version__}.",
             f"# Guest: {facts.memory_mib} MiB, {facts.cpus} vCPU; image files "
             f"{facts.size_bytes / 2**20:.0f} MiB.",
+            *_transport_note(facts),
             f"# Run condor_submit in this directory (beside {options.bundle}).",
             "",
         ]
@@ -258,6 +261,15 @@ def render_submit(vmx: str | Path, options: SubmitOptions | None = None, *,
     else:
         out.append(f"queue {options.queue}" if options.queue > 1 else "queue")
     return "\n".join(out) + "\n"
+
+
+def _transport_note(facts: ImageFacts) -> list[str]:
+    """Comment lines on how the disks travel, when some go in their transport form."""
+    if not facts.transported:
+        return []
+    names = ", ".join(p.name for p in facts.transported)
+    return [f"# The disk travels zstd-compressed ({names}); the runner expands it to "
+            f"{facts.expanded_bytes / 2**20:.0f} MiB in the sandbox."]
 
 
 def _hardware_version(vmx: Path) -> int | None:

@@ -76,15 +76,15 @@ class SubmitOptions:
         return guest_mib + self.memory_overhead_mib
 
     def disk_request_mib(self, facts: ImageFacts, inputs_bytes: int = 0) -> int:
-        """MiB of scratch disk: the image as shipped, the runner's qcow2 working copy (the
+        """MiB of scratch disk: the image as shipped, its transport forms expanded (the
+        runner keeps the expanded VMDK while it runs), the runner's qcow2 working copy (a
         compressed VMDK unpacked: about 4x, at most the disk's capacity), two memory states
         (the published checkpoint and the one being written), the inputs, 1 GiB to spare."""
         if self.request_disk_mib is not None:
             return self.request_disk_mib
-        disk_bytes = sum(p.stat().st_size for p in facts.disk_files)
-        work_copy = 4 * disk_bytes
+        work_copy = 4 * facts.working_disk_bytes
         if facts.disk_capacity_bytes:
             work_copy = min(work_copy, facts.disk_capacity_bytes)
-        total = facts.size_bytes + work_copy + inputs_bytes + 2 * facts.memory_mib * _MIB \
-            + 1024 * _MIB
+        total = facts.size_bytes + facts.expanded_bytes + work_copy + inputs_bytes \
+            + 2 * facts.memory_mib * _MIB + 1024 * _MIB
         return -(-total // _MIB)

@@ -14,6 +14,13 @@ What keeps a preempted or timed-out VM from being lost:
 * on ``scontrol requeue`` or preemption Slurm itself sends SIGTERM and waits ``KillWait``
   (or the partition's ``GraceTime``) before SIGKILL: that wait is the site's setting, and
   must exceed the same estimate (see examples/slurm/README.md).
+
+An image whose disk has a transport form (``NAME.vmdk.zst``) is copied in that form, with its
+``.vmx``, into a directory of the job's own beside its work directory (once; a requeued job
+reuses it, a finished one removes it), and the runner runs that copy: it expands the disk
+into the work directory as under HTCondor. The job then reads a quarter of the bytes from the
+shared file system, and an image rebuilt in place meanwhile cannot change under a suspended
+job (its checkpoint would no longer match it).
 """
 
 from __future__ import annotations
@@ -70,15 +77,40 @@ def _sbatch_lines(extra: Sequence[str]) -> list[str]:
     return lines
 
 
-def runner_command(facts: ImageFacts, options: SubmitOptions, bundle: Path) -> list[str]:
-    """The fixed part of the runner command, before ``--workdir``; each word shell-quoted."""
+def runner_command(facts: ImageFacts, options: SubmitOptions, bundle: Path,
+                   staged: bool = False) -> list[str]:
+    """The fixed part of the runner command, before ``--workdir``; each word shell-quoted.
+    ``staged``: the runner runs the job's copy of the image, ``"$image"/NAME.vmx``."""
     if options.runner_command is not None:
         words = list(options.runner_command)
         if not words:
             raise SchedulerError("runner command is empty")
-    else:
-        words = [options.python, str(bundle), "run", str(facts.vmx)]
-    return [shlex.quote(w) for w in words]
+        return [shlex.quote(w) for w in words]
+    words = [shlex.quote(w) for w in (options.python, str(bundle), "run")]
+    if staged:
+        return [*words, '"$image"/' + shlex.quote(facts.vmx.name)]
+    return [*words, shlex.quote(str(facts.vmx))]
+
+
+def _staging(facts: ImageFacts) -> str:
+    """Shell lines that copy the image's transport form (its .vmx, the .vmdk.zst disks, the
+    NVRAM) into ``$image``, completely or not at all (a ``.part`` directory renamed)."""
+    for path in facts.files:
+        if path.parent != facts.vmx.parent:
+            raise SchedulerError(f"{path}: the job's copy of the image is one directory; keep "
+                                 "the image's files beside its .vmx")
+    files = " ".join(shlex.quote(str(p)) for p in facts.files)
+    return f"""
+# The job's own copy of the image, its disk in the compressed transport form; the runner
+# expands it into the work directory. Made once (a requeued job reuses it), complete or not
+# at all.
+image="$work.image"
+if [ ! -d "$image" ]; then
+    rm -rf -- "$image.part" && mkdir -p -- "$image.part" &&
+        cp -- {files} "$image.part"/ &&
+        mv -T -- "$image.part" "$image" || exit 1
+fi
+"""
 
 
 def render_sbatch(vmx: str | Path, options: SubmitOptions | None = None, *,
@@ -151,7 +183,8 @@ def render_sbatch(vmx: str | Path, options: SubmitOptions | None = None, *,
         else '"${VMBUILD_WORK_ROOT:-$HOME/.vmbuild-work}"'
     outputs = (q(options.output_dir) if options.output_dir
                else q(str(base / f"{name}-outputs")) + '."$job_id"')
-    argv = runner_command(facts, options, bundle)
+    staged = bool(facts.transported) and options.runner_command is None
+    argv = runner_command(facts, options, bundle, staged)
     argv += ['--workdir "$work"', '--output-dir "$outputs"']
     if options.backend and options.backend != "auto":
         argv += ["--backend", q(options.backend)]
@@ -166,6 +199,8 @@ def render_sbatch(vmx: str | Path, options: SubmitOptions | None = None, *,
         argv += ["--env", q(pair)]
     argv += [q(a) for a in options.runner_args]
     cleanup = "" if options.keep_work else 'rm -rf -- "$work"'
+    if staged:
+        cleanup = 'rm -rf -- "$work" "$image"' if cleanup else 'rm -rf -- "$image"'
 
     out += ["", "set -u", f"""
 job_id="${{SLURM_JOB_ID:?run this script with sbatch}}"
@@ -178,7 +213,7 @@ if [ -n "$(ls -A -- "$work" 2>/dev/null)" ]; then
 else
     echo "vmbuild: job $job_id on $(hostname): starting in $work" >&2
 fi
-
+{_staging(facts) if staged else ""}
 # The runner runs in the background and this shell waits for it, so that the traps below run
 # as soon as a signal arrives; they pass it on to the runner, which suspends the VM and exits
 # {CHECKPOINT_EXIT_CODE}. (Slurm's own SIGTERM on requeue may reach the runner twice: directly
