@@ -26,14 +26,20 @@ pytestmark = pytest.mark.slow
 
 def test_hello_build_publishes_a_complete_image(hello_vmx: Path) -> None:
     out = hello_vmx.parent
-    assert sorted(p.name for p in out.iterdir()) == ["hello.vmdk", "hello.vmx", "manifest.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["hello.vmdk", "hello.vmdk.zst", "hello.vmx",
+                                                     "manifest.json"]
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["validated"] is True
     assert manifest["packer_version"]
     assert manifest["packages"]["systemd"]  # versions recorded from inside the guest
-    for name in ("hello.vmdk", "hello.vmx"):
+    for name in ("hello.vmdk", "hello.vmdk.zst", "hello.vmx"):
         assert manifest["files"][name]["size"] == (out / name).stat().st_size
     assert manifest["sizes"]["vmdk"] == (out / "hello.vmdk").stat().st_size
+    # The transport form is the same disk, compressed (what `vmbuild submit` ships).
+    expanded = subprocess.run(["zstd", "-dc", str(out / "hello.vmdk.zst")], check=True,
+                              capture_output=True).stdout
+    assert expanded == (out / "hello.vmdk").read_bytes()
+    assert manifest["sizes"]["vmdk_zst"] < manifest["sizes"]["vmdk"] / 2
     # Nothing half-written is left beside the output directory.
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".vmbuild-")]
 
