@@ -41,7 +41,7 @@ def test_every_left_out_unit_says_why_and_the_overlay_carries_the_list(tmp_path:
     assert len({e["unit"] for e in entries}) == len(entries)
     # Never the job's own unit, nor what it needs to run and power off.
     kept = {"vmbuild-job.service", "systemd-journald.service", "systemd-udevd.service",
-            "dbus.socket", "systemd-fstab-generator", "sysinit.target"}
+            "systemd-logind.service", "dbus.socket", "systemd-fstab-generator", "sysinit.target"}
     assert not kept & {e["unit"] for e in entries}
     assert {e["how"] for e in entries} <= {bootpath.MASKED, bootpath.ON_DEMAND,
                                            bootpath.UNLESS_CONFIGURED}
@@ -57,11 +57,11 @@ def test_every_left_out_unit_says_why_and_the_overlay_carries_the_list(tmp_path:
     assert all(f"    {how}:" in seal for how, _ in listed)
 
 
-@pytest.mark.parametrize(("extra", "logind"), [("", False), ("guest:\n  ssh: true\n", True)])
-def test_logind_stays_only_for_ssh_sessions(tmp_path: Path, extra: str, logind: bool) -> None:
-    units = {item.unit for item in bootpath.left_out(load_recipe(recipe(tmp_path, extra)))}
-    assert ("systemd-logind.service" not in units) == logind
-    assert "dbus.service" in units  # started by its socket when used, never masked
+def test_logind_stays_for_the_power_button_and_dbus_starts_on_demand(tmp_path: Path) -> None:
+    units = {item.unit: item.how
+             for item in bootpath.left_out(load_recipe(recipe(tmp_path)))}
+    assert "systemd-logind.service" not in units  # it handles the ACPI power button
+    assert units["dbus.service"] == bootpath.ON_DEMAND  # started by its socket, never masked
 
 
 def test_kept_modules_follow_the_hardware_and_the_recipe(tmp_path: Path) -> None:

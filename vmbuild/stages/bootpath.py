@@ -98,19 +98,13 @@ NETWORK = (
 )
 
 
-LOGINS = (
-    LeftOut("systemd-logind.service", "no logins: nothing in a job VM opens a session (2 s of a "
-            "TCG start); kept with guest.ssh"),
-)
-
-
 def left_out(recipe: Recipe) -> tuple[LeftOut, ...]:
     """The units this recipe's image does not start. The network stays for `job.network`
-    and for `guest.ssh` (an sshd without a network would be useless), logind for `guest.ssh`
-    (sessions)."""
+    and for `guest.ssh` (an sshd without a network would be useless). logind always stays:
+    it is what turns the ACPI power button (a validation boot's `until: started`, a soft
+    power-off from outside) into a clean shutdown."""
     keep_network = recipe.job.network or recipe.guest.ssh
-    return (ALWAYS + (() if keep_network else NETWORK)
-            + (() if recipe.guest.ssh else LOGINS))
+    return ALWAYS + (() if keep_network else NETWORK)
 
 
 def left_out_file(recipe: Recipe) -> bytes:
