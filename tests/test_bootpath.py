@@ -67,6 +67,7 @@ def test_logind_stays_for_the_power_button_and_dbus_starts_on_demand(tmp_path: P
 def test_kept_modules_follow_the_hardware_and_the_recipe(tmp_path: Path) -> None:
     plain = kernel_modules.kept_file(load_recipe(recipe(tmp_path))).decode().split()
     assert {"vmw_pvscsi", "nvme", "ahci", "fuse", "vmw_vmci"} <= set(plain)
+    assert {"button", "evdev"} <= set(plain)  # the ACPI power button reaches logind
     assert "vmxnet3" in plain and "e1000" not in plain  # no network: no Intel card driver
     networked = kernel_modules.kept_file(load_recipe(recipe(
         tmp_path, "  network: true\nguest:\n  modules: [wireguard, fuse]\n"))).decode().split()

@@ -112,6 +112,7 @@ def test_shipped_image_holds_no_build_secrets(hello_vmx: Path, tmp_path: Path) -
     assert "vmw_pvscsi.ko" in _debugfs(raw, offset, f"ls {kernel}/drivers/scsi")
     assert "scsi_mod.ko" in _debugfs(raw, offset, f"ls {kernel}/drivers/scsi")
     assert "hwdb.bin" not in _debugfs(raw, offset, "ls /usr/lib/udev")
+    assert "button.ko" in _debugfs(raw, offset, f"ls {kernel}/drivers/acpi")  # power button
     filesystems = _debugfs(raw, offset, f"ls {kernel}/fs").split()
     assert "fuse" in filesystems and "btrfs" not in filesystems
     dep = _debugfs(raw, offset, f"cat /usr/lib/modules/{kver}/modules.dep")

@@ -38,6 +38,10 @@ FILESYSTEMS = Kept(
      "nls_ascii", "autofs4", "efivarfs"),
     "file systems a job may mount itself (FUSE, overlays, loop-mounted images, ISO, FAT), "
     "systemd's automounts and the EFI variables of `firmware: efi`; ext4 is built in")
+POWER_BUTTON = Kept(
+    ("button", "evdev"),
+    "the ACPI power button and the input events logind reads it from: a power-off from "
+    "outside (a validation boot's `until: started`, a soft stop) shuts the job down cleanly")
 VMWARE = Kept(
     ("vmw_vmci", "vmw_balloon", "vmw_vsock_vmci_transport", "vsock", "vmxnet3", "pvpanic"),
     "VMware's guest devices (VMCI, memory balloon, vSockets for open-vm-tools) and panic "
@@ -48,7 +52,7 @@ NETWORK = Kept(
 
 
 def kept(recipe: Recipe) -> tuple[Kept, ...]:
-    groups = [DISKS, FILESYSTEMS, VMWARE]
+    groups = [DISKS, POWER_BUTTON, FILESYSTEMS, VMWARE]
     if recipe.job.network or recipe.guest.ssh:
         groups.append(NETWORK)
     if recipe.guest.modules:
