@@ -64,6 +64,20 @@ def _run(argv: list[str], what: str) -> float:
     return time.monotonic() - started
 
 
+def _zstd_into(target: Path, zstd: list[str], source: Path, what: str) -> float:
+    """Run zstd from ``source`` into ``target`` through ``target.partial``, fsync'ed and
+    renamed: ``target`` exists only complete, and a failure leaves nothing half-written."""
+    partial = target.with_name(target.name + PARTIAL)
+    try:
+        seconds = _run([*zstd, "-q", "-f", "-o", str(partial), str(source)], what)
+        fsync_path(partial)
+        os.replace(partial, target)
+    except BaseException:
+        _remove(partial)
+        raise
+    return seconds
+
+
 def _remove(path: Path) -> None:
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
@@ -83,15 +97,7 @@ def pack(vm_dir: Path, zstd: str) -> list[Converted]:
     done: list[Converted] = []
     for vmem in sorted(vm_dir.glob("*.vmem")):
         packed = vmem.with_name(vmem.name + SUFFIX)
-        partial = packed.with_name(packed.name + PARTIAL)
-        try:
-            seconds = _run([zstd, "-q", "-f", "-1", "-T0", "-o", str(partial), str(vmem)],
-                           f"compressing {vmem.name}")
-            fsync_path(partial)
-            os.replace(partial, packed)
-        except BaseException:
-            _remove(partial)
-            raise
+        seconds = _zstd_into(packed, [zstd, "-1", "-T0"], vmem, f"compressing {vmem.name}")
         fsync_path(vm_dir)
         raw = vmem.stat().st_size
         vmem.unlink()
@@ -115,16 +121,8 @@ def unpack(vm_dir: Path) -> list[str]:
             raise RunnerError(f"the checkpoint's memory ({packed.name}) is zstd-compressed and "
                               f"this host has no zstd program (install the zstd package); "
                               f"the checkpoint stays in {vm_dir.parent}")
-        partial = vmem.with_name(vmem.name + PARTIAL)
-        try:
-            seconds = _run([zstd, "-q", "-d", "-f", "--sparse", "-o", str(partial),
-                            str(packed)], f"expanding {packed.name} (the checkpoint stays "
-                           f"in {vm_dir.parent})")
-            fsync_path(partial)
-            os.replace(partial, vmem)
-        except BaseException:
-            _remove(partial)
-            raise
+        seconds = _zstd_into(vmem, [zstd, "-d", "--sparse"], packed,
+                             f"expanding {packed.name} (the checkpoint stays in {vm_dir.parent})")
         fsync_path(vm_dir)
         converted = Converted(vmem.name, vmem.stat().st_size, packed.stat().st_size, seconds)
         packed.unlink()
