@@ -44,7 +44,7 @@ def test_every_left_out_unit_says_why_and_the_overlay_carries_the_list(tmp_path:
             "systemd-logind.service", "dbus.socket", "systemd-fstab-generator", "sysinit.target"}
     assert not kept & {e["unit"] for e in entries}
     assert {e["how"] for e in entries} <= {bootpath.MASKED, bootpath.ON_DEMAND,
-                                           bootpath.UNLESS_CONFIGURED}
+                                           bootpath.UNLESS_MODULES_LISTED}
     overlay = tmp_path / "system.tar"
     write_system_overlay(r, overlay)
     with tarfile.open(overlay) as tar:

@@ -20,11 +20,11 @@ LEFT_OUT_FILE = "/etc/vmbuild/boot-left-out"
 
 
 # How the seal leaves a unit out: masked (never starts); on demand (not started at boot, still
-# started by its socket when something uses it); masked unless the image configures it (the
-# seal looks at the unit's configuration files after provisioning).
+# started by its socket when something uses it); masked unless a modules-load.d file lists a
+# module (the seal looks after provisioning; only systemd-modules-load.service is left out so).
 MASKED = "masked"
 ON_DEMAND = "on-demand"
-UNLESS_CONFIGURED = "masked-unless-configured"
+UNLESS_MODULES_LISTED = "masked-unless-modules-listed"
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,7 @@ ALWAYS = (
     LeftOut("dbus.service", "not started at boot (it was 2 s of a TCG start, beside the job); "
             "its socket starts it for the first program that uses D-Bus", ON_DEMAND),
     LeftOut("systemd-modules-load.service", "no module is listed in modules-load.d (the seal "
-            "keeps it when the image lists some)", UNLESS_CONFIGURED),
+            "keeps it when the image lists some)", UNLESS_MODULES_LISTED),
     # Generators run before systemd loads a single unit, each one an executable to start
     # under TCG; systemd skips those masked in /etc/systemd/system-generators. The fstab
     # generator stays (it mounts the root read-write from /etc/fstab).
