@@ -40,8 +40,8 @@ def test_every_left_out_unit_says_why_and_the_overlay_carries_the_list(tmp_path:
     assert all(e["why"] and e["unit"] for e in entries)
     assert len({e["unit"] for e in entries}) == len(entries)
     # Never the job's own unit, nor what it needs to run and power off.
-    kept = {"vmbuild-job.service", "systemd-journald.service", "systemd-udevd.service",
-            "systemd-logind.service", "dbus.socket", "systemd-fstab-generator", "sysinit.target"}
+    kept = {"vmbuild-job.service", "systemd-journald.service", "systemd-journald.socket",
+            "dbus.socket", "systemd-fstab-generator", "sysinit.target"}
     assert not kept & {e["unit"] for e in entries}
     assert {e["how"] for e in entries} <= {bootpath.MASKED, bootpath.ON_DEMAND,
                                            bootpath.UNLESS_MODULES_LISTED}
@@ -57,17 +57,50 @@ def test_every_left_out_unit_says_why_and_the_overlay_carries_the_list(tmp_path:
     assert all(f"    {how}:" in seal for how, _ in listed)
 
 
-def test_logind_stays_for_the_power_button_and_dbus_starts_on_demand(tmp_path: Path) -> None:
+def test_logind_is_left_out_and_dbus_starts_on_demand(tmp_path: Path) -> None:
     units = {item.unit: item.how
              for item in bootpath.left_out(load_recipe(recipe(tmp_path)))}
-    assert "systemd-logind.service" not in units  # it handles the ACPI power button
+    # The wrapper handles the ACPI power button itself (tests/test_guest_wrapper.py).
+    assert units["systemd-logind.service"] == bootpath.MASKED
     assert units["dbus.service"] == bootpath.ON_DEMAND  # started by its socket, never masked
+
+
+UDEV_UNITS = {item.unit for item in bootpath.UDEV}
+
+
+@pytest.mark.parametrize(("extra", "udev"), [
+    ("", False),
+    ("  network: true\n", True),  # systemd-networkd manages links through udev
+    ("guest:\n  ssh: true\n", True),
+    ("guest:\n  vmware_tools: true\n", True),
+])
+def test_udev_stays_only_for_a_network_or_vmware_tools(
+        tmp_path: Path, extra: str, udev: bool) -> None:
+    units = {item.unit for item in bootpath.left_out(load_recipe(recipe(tmp_path, extra)))}
+    assert "systemd-udevd.service" in UDEV_UNITS
+    assert units & UDEV_UNITS == (set() if udev else UDEV_UNITS)
+
+
+def test_the_job_unit_waits_for_nothing_it_does_not_use() -> None:
+    """Not after sysinit.target (udev, journald, tmpfiles start beside it); the root is
+    mounted read-write by the kernel command line instead of waiting for systemd's remount."""
+    from vmbuild.stages.disk import DiskLayout, grub_cfg
+
+    unit = (Path(bootpath.__file__).parents[1] / "guest" / "vmbuild-job.service").read_text()
+    after = [line for line in unit.splitlines() if line.startswith("After=")]
+    assert after == ["After=systemd-journald.socket systemd-modules-load.service "
+                     "systemd-sysctl.service"]
+    assert "DefaultDependencies=no" in unit
+    assert not [line for line in unit.splitlines()
+                if line.startswith(("Requires=", "Wants=")) and "sysinit" in line]
+    layout = DiskLayout(1 << 30, "bios", 1 << 20, (1 << 30) - (1 << 20), "0" * 8)
+    assert " rw " in grub_cfg(layout, "quiet") and " ro " not in grub_cfg(layout, "quiet")
 
 
 def test_kept_modules_follow_the_hardware_and_the_recipe(tmp_path: Path) -> None:
     plain = kernel_modules.kept_file(load_recipe(recipe(tmp_path))).decode().split()
     assert {"vmw_pvscsi", "nvme", "ahci", "fuse", "vmw_vmci"} <= set(plain)
-    assert {"button", "evdev"} <= set(plain)  # the ACPI power button reaches logind
+    assert {"button", "evdev"} <= set(plain)  # the ACPI power button reaches the wrapper
     assert "vmxnet3" in plain and "e1000" not in plain  # no network: no Intel card driver
     networked = kernel_modules.kept_file(load_recipe(recipe(
         tmp_path, "  network: true\nguest:\n  modules: [wireguard, fuse]\n"))).decode().split()

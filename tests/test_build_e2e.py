@@ -93,17 +93,18 @@ def test_shipped_image_holds_no_build_secrets(hello_vmx: Path, tmp_path: Path) -
     assert "getty.target" in left_out and "systemd-getty-generator" in left_out
     for unit, directory in (("getty.target", "system"), ("timers.target", "system"),
                             ("systemd-networkd.service", "system"),  # hello has no network
+                            ("systemd-udevd.service", "system"),  # nor VMware Tools
+                            ("systemd-logind.service", "system"),  # the wrapper has the button
                             ("systemd-getty-generator", "system-generators")):
         link = _debugfs(raw, offset, f"stat /etc/systemd/{directory}/{unit}")
         assert "Type: symlink" in link and '"/dev/null"' in link, (unit, link)
     assert not {"perl", "usrmerge"} & manifest["packages"].keys()
     # D-Bus is left for its socket to start (no vendor link pulls it in at boot); the
-    # modules-load service is masked (hello lists no modules); logind stays (power button).
+    # modules-load service is masked (hello lists no modules).
     assert "dbus.service" not in _debugfs(raw, offset,
                                           "ls /usr/lib/systemd/system/multi-user.target.wants")
     unit = "systemd-modules-load.service"
     assert '"/dev/null"' in _debugfs(raw, offset, f"stat /etc/systemd/system/{unit}"), unit
-    assert "systemd-logind.service" not in _debugfs(raw, offset, "ls /etc/systemd/system")
     # Kernel modules (stages/kernel_modules.py): the virtual hardware's drivers and what they
     # need stay, the rest of the tree (here btrfs, the Xen drivers) is gone, and depmod knows.
     kver = next(n for n in _debugfs(raw, offset, "ls /usr/lib/modules").split()

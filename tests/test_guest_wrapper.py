@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import subprocess
 import sys
 import time
@@ -176,3 +177,33 @@ def test_finds_the_job_disks_by_their_superblocks_without_udev(tmp_path: Path) -
         check=True).stdout)
     assert inp is None and outp == str(dev / "sdb")
     assert took < 5  # the output disk is here, so the missing input disk is not waited for
+
+
+def test_a_power_button_press_is_turned_into_a_power_off(tmp_path: Path) -> None:
+    """No logind in the image: the wrapper reads the ACPI power button's input events itself
+    (found by the device's name, its node from devtmpfs) and acts on a press, not on a release
+    or another key."""
+    sys_input, dev = tmp_path / "sys", tmp_path / "dev"
+    for event, name in (("event0", "AT Translated Set 2 keyboard"), ("event2", "Power Button")):
+        (sys_input / event / "device").mkdir(parents=True)
+        (sys_input / event / "device" / "name").write_text(name + "\n")
+    (dev / "input").mkdir(parents=True)
+    os.mkfifo(dev / "input" / "event2")
+    script = (
+        "import importlib.machinery, sys\n"
+        f"w = importlib.machinery.SourceFileLoader('w', {str(WRAPPER)!r}).load_module()\n"
+        "print(w.power_buttons(), flush=True)\n"
+        "w.wait_for_power_button(lambda: print('pressed', flush=True))\n"
+        "print('returned', flush=True)\n")
+    env = dict(os.environ, VMBUILD_SYS_INPUT=str(sys_input), VMBUILD_DEV_DIR=str(dev))
+    proc = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE,
+                            text=True)
+    input_event = struct.Struct("llHHi")
+    with open(dev / "input" / "event2", "wb") as button:  # blocks until the wrapper reads
+        button.write(input_event.pack(0, 0, 1, 114, 1))  # another key (volume down)
+        button.write(input_event.pack(0, 0, 1, 116, 0))  # the power key released
+        button.write(input_event.pack(0, 0, 0, 0, 0))  # EV_SYN
+        button.write(input_event.pack(0, 0, 1, 116, 1))  # the power key pressed
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0
+    assert out.splitlines() == [str([str(dev / "input" / "event2")]), "pressed", "returned"]

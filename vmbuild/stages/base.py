@@ -45,7 +45,7 @@ from vmbuild.stages import disk as diskimage
 from vmbuild.tools import find_tool, missing_tools, run_tool, tool_env
 
 # Bump when the base's construction changes in a way the settings below do not capture.
-BASE_FORMAT = 6
+BASE_FORMAT = 7
 GUEST_DIR = Path(__file__).parent.parent / "guest"
 BASE_GUEST_FILES = ("vmbuild-build-access", "vmbuild-build-access.service",
                     "10-vmbuild-dhcp.network")

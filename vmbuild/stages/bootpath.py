@@ -69,6 +69,10 @@ ALWAYS = (
     LeftOut("systemd-hwdb-update.service", "udev's hardware database (22 MiB of names for real "
             "USB and PCI devices, keyboard maps) is deleted at seal: a job VM's virtual devices "
             "need none of it, and every job start would ship it"),
+    LeftOut("systemd-logind.service", "no logins; the job's wrapper itself turns the ACPI "
+            "power button (a validation boot's `until: started`, a soft power-off from outside) "
+            "into a clean power-off. Under TCG logind and the D-Bus it starts were seconds of "
+            "every start, beside the job's own"),
     LeftOut("dbus.service", "not started at boot (it was 2 s of a TCG start, beside the job); "
             "its socket starts it for the first program that uses D-Bus", ON_DEMAND),
     LeftOut("systemd-modules-load.service", "no module is listed in modules-load.d (the seal "
@@ -98,13 +102,29 @@ NETWORK = (
 )
 
 
+# udev names devices, loads drivers for what the kernel finds and runs rules. A job VM without
+# a network needs none of it: its disks are found by the wrapper in the kernel's own list, the
+# initramfs has loaded the disk's driver, devtmpfs makes every device node, and the wrapper
+# loads the power button's driver itself. Its coldplug of every device was the largest work
+# beside the job's start under TCG.
+UDEV = (
+    LeftOut("systemd-udevd.service", "no device management needed: no network, no VMware "
+            "Tools (devtmpfs makes the device nodes; the wrapper finds the job's disks)"),
+    LeftOut("systemd-udevd-control.socket", "udev is left out (see systemd-udevd.service)"),
+    LeftOut("systemd-udevd-kernel.socket", "udev is left out (see systemd-udevd.service)"),
+    LeftOut("systemd-udev-trigger.service", "udev is left out (see systemd-udevd.service)"),
+    LeftOut("systemd-udev-settle.service", "udev is left out (see systemd-udevd.service)"),
+)
+
+
 def left_out(recipe: Recipe) -> tuple[LeftOut, ...]:
     """The units this recipe's image does not start. The network stays for `job.network`
-    and for `guest.ssh` (an sshd without a network would be useless). logind always stays:
-    it is what turns the ACPI power button (a validation boot's `until: started`, a soft
-    power-off from outside) into a clean shutdown."""
+    and for `guest.ssh` (an sshd without a network would be useless); udev stays with a
+    network (systemd-networkd manages links through it) and with VMware Tools."""
     keep_network = recipe.job.network or recipe.guest.ssh
-    return ALWAYS + (() if keep_network else NETWORK)
+    keep_udev = keep_network or recipe.guest.vmware_tools
+    return (ALWAYS + (() if keep_network else NETWORK)
+            + (() if keep_udev else UDEV))
 
 
 def left_out_file(recipe: Recipe) -> bytes:

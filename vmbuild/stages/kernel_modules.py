@@ -40,8 +40,9 @@ FILESYSTEMS = Kept(
     "systemd's automounts and the EFI variables of `firmware: efi`; ext4 is built in")
 POWER_BUTTON = Kept(
     ("button", "evdev"),
-    "the ACPI power button and the input events logind reads it from: a power-off from "
-    "outside (a validation boot's `until: started`, a soft stop) shuts the job down cleanly")
+    "the ACPI power button and the input events the job's wrapper reads it from: a power-off "
+    "from outside (a validation boot's `until: started`, a soft stop) shuts the job down "
+    "cleanly")
 VMWARE = Kept(
     ("vmw_vmci", "vmw_balloon", "vmw_vsock_vmci_transport", "vsock", "vmxnet3", "pvpanic"),
     "VMware's guest devices (VMCI, memory balloon, vSockets for open-vm-tools) and panic "
