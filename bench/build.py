@@ -25,7 +25,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "examples" / "hello" / "recipe.yaml"
 BASE_PACKAGES = "systemd-sysv,udev,kmod,initramfs-tools,openssh-server,python3," \
-                "systemd-resolved,zstd,linux-image-cloud-amd64"
+                "systemd-resolved,zstd,busybox-static,linux-image-cloud-amd64"
 
 
 def timed(argv: list[str], env: dict[str, str] | None = None) -> float:

@@ -97,6 +97,21 @@ def test_the_job_unit_waits_for_nothing_it_does_not_use() -> None:
     assert " rw " in grub_cfg(layout, "quiet") and " ro " not in grub_cfg(layout, "quiet")
 
 
+def test_bios_boots_the_kernel_with_the_16_bit_protocol() -> None:
+    """GRUB's `linux` on BIOS moves the staged kernel byte by byte at boot (3.5 s under TCG);
+    `linux16` does not. UEFI keeps `linux`."""
+    from dataclasses import replace
+
+    from vmbuild.stages.disk import DiskLayout, grub_cfg
+
+    bios = DiskLayout(1 << 30, "bios", 1 << 20, (1 << 30) - (1 << 20), "0" * 8)
+    lines = [line.split()[0] for line in grub_cfg(bios, "quiet").splitlines()]
+    assert lines.index("insmod") < lines.index("menuentry")
+    assert "linux16" in lines and "initrd16" in lines and "linux" not in lines
+    efi = [line.split()[0] for line in grub_cfg(replace(bios, firmware="efi"), "q").splitlines()]
+    assert "linux" in efi and "initrd" in efi and "linux16" not in efi
+
+
 def test_kept_modules_follow_the_hardware_and_the_recipe(tmp_path: Path) -> None:
     plain = kernel_modules.kept_file(load_recipe(recipe(tmp_path))).decode().split()
     assert {"vmw_pvscsi", "nvme", "ahci", "fuse", "vmw_vmci"} <= set(plain)

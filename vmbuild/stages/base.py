@@ -45,7 +45,7 @@ from vmbuild.stages import disk as diskimage
 from vmbuild.tools import find_tool, missing_tools, run_tool, tool_env
 
 # Bump when the base's construction changes in a way the settings below do not capture.
-BASE_FORMAT = 7
+BASE_FORMAT = 8
 GUEST_DIR = Path(__file__).parent.parent / "guest"
 BASE_GUEST_FILES = ("vmbuild-build-access", "vmbuild-build-access.service",
                     "10-vmbuild-dhcp.network")
@@ -61,9 +61,11 @@ KERNEL_CMDLINE = ("console=tty0 console=ttyS0,115200 net.ifnames=0 quiet fsck.mo
 
 # Packages every image needs: systemd as init, udev for device links, sshd and python3 so the
 # build can provision with Ansible, resolved so a networked job has DNS, zstd so the
-# initramfs is zstd-compressed (faster to unpack than gzip, and smaller).
+# initramfs is zstd-compressed (faster to unpack than gzip, and smaller), a static busybox
+# for the shipped image's own initramfs (vmbuild/guest/vmbuild-initramfs, written by the seal;
+# initramfs-tools' one boots the build VM).
 BASE_PACKAGES = ("systemd-sysv", "udev", "kmod", "initramfs-tools", "openssh-server",
-                 "python3", "systemd-resolved", "zstd")
+                 "python3", "systemd-resolved", "zstd", "busybox-static")
 
 # The initramfs carries the drivers of the virtual disk controllers a .vmx can declare (and
 # QEMU's stand-ins for them: lsilogic boots as lsi53c895a there, hence sym53c8xx; the build

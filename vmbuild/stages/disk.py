@@ -109,16 +109,24 @@ def grub_cfg(layout: DiskLayout, cmdline: str) -> str:
     (`rw`; no file system check either): the job service then needs not wait for systemd to
     remount it, which under TCG was seconds of every start.
     """
+    # BIOS: the 16-bit boot protocol. With `linux`, GRUB on i386-pc stages the kernel at 1 MiB
+    # and, at boot, moves it (its whole init_size, about 30 MiB) to the kernel's preferred
+    # 16 MiB with a backward byte-wise `rep movsb`: 3.5 s under TCG, every start (seen in
+    # QEMU's monitor: the boot sat on that one instruction). `linux16` loads the kernel where
+    # it runs and the kernel moves itself: the firmware-to-kernel phase went from 5 s to 2.5 s.
+    linux, initrd, insmod = (("linux", "initrd", "") if layout.firmware == "efi"
+                             else ("linux16", "initrd16", "insmod linux16\n"))
     return (
         "set timeout=0\n"
         "set default=0\n"
         "serial --unit=0 --speed=115200\n"
         "terminal_input serial console\n"
         "terminal_output serial console\n"
+        f"{insmod}"
         "menuentry 'Debian GNU/Linux' {\n"
         f"  search --no-floppy --fs-uuid --set=root {layout.root_uuid}\n"
-        f"  linux /vmlinuz root=UUID={layout.root_uuid} rw {cmdline}\n"
-        "  initrd /initrd.img\n"
+        f"  {linux} /vmlinuz root=UUID={layout.root_uuid} rw {cmdline}\n"
+        f"  {initrd} /initrd.img\n"
         "}\n"
     )
 

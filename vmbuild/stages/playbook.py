@@ -161,6 +161,9 @@ def write_system_overlay(recipe: Recipe, path: Path) -> None:
                   "/etc/systemd/system/vmbuild-job.service")
         _add_file(tar, bootpath.LEFT_OUT_FILE, bootpath.left_out_file(recipe))
         _add_file(tar, kernel_modules.KEPT_FILE, kernel_modules.kept_file(recipe))
+        _add_file(tar, kernel_modules.INITRAMFS_FILE, kernel_modules.initramfs_file())
+        _add_file(tar, f"{GUEST_LIB}/vmbuild-initramfs",
+                  (GUEST_DIR / "vmbuild-initramfs").read_bytes(), 0o755)
 
 
 def _system_tasks(recipe: Recipe, overlay: Path) -> list[dict[str, Any]]:
