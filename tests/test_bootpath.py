@@ -116,6 +116,11 @@ def test_kept_modules_follow_the_hardware_and_the_recipe(tmp_path: Path) -> None
     plain = kernel_modules.kept_file(load_recipe(recipe(tmp_path))).decode().split()
     assert {"vmw_pvscsi", "nvme", "ahci", "fuse", "vmw_vmci"} <= set(plain)
     assert {"button", "evdev"} <= set(plain)  # the ACPI power button reaches the wrapper
+    # The root's file system is a module of the generic kernel (sata, lsilogic): kept, and in
+    # the shipped initramfs with every controller's driver.
+    assert "ext4" in plain
+    initramfs = kernel_modules.initramfs_file().decode().split()
+    assert {"ext4", "vmw_pvscsi", "ahci", "sym53c8xx", "mptspi", "nvme", "sd_mod"} <= set(initramfs)
     assert "vmxnet3" in plain and "e1000" not in plain  # no network: no Intel card driver
     networked = kernel_modules.kept_file(load_recipe(recipe(
         tmp_path, "  network: true\nguest:\n  modules: [wireguard, fuse]\n"))).decode().split()

@@ -40,10 +40,11 @@ DISKS = Kept(
     "the PC's legacy IDE (ata_piix): no disk is on it, and udev loading it cost a second of "
     "every TCG start")
 FILESYSTEMS = Kept(
-    ("fuse", "overlay", "loop", "squashfs", "isofs", "vfat", "nls_utf8", "nls_cp437",
+    ("ext4", "fuse", "overlay", "loop", "squashfs", "isofs", "vfat", "nls_utf8", "nls_cp437",
      "nls_ascii", "autofs4", "efivarfs"),
-    "file systems a job may mount itself (FUSE, overlays, loop-mounted images, ISO, FAT), "
-    "systemd's automounts and the EFI variables of `firmware: efi`; ext4 is built in")
+    "the root's ext4 (built into the cloud kernel, a module of the generic one), file systems "
+    "a job may mount itself (FUSE, overlays, loop-mounted images, ISO, FAT), systemd's "
+    "automounts and the EFI variables of `firmware: efi`")
 POWER_BUTTON = Kept(
     ("button", "evdev"),
     "the ACPI power button and the input events the job's wrapper reads it from: a power-off "
@@ -67,12 +68,15 @@ def kept(recipe: Recipe) -> tuple[Kept, ...]:
     return tuple(groups)
 
 
+INITRAMFS_MODULES = (*DISKS.modules, "ext4")
+
+
 def initramfs_file() -> bytes:
-    return "".join(name + "\n" for name in DISKS.modules).encode()
+    return "".join(name + "\n" for name in INITRAMFS_MODULES).encode()
 
 
 def initramfs_manifest_entry() -> dict[str, object]:
-    return {"made_by": "vmbuild-initramfs (busybox; the seal)", "drivers": list(DISKS.modules),
+    return {"made_by": "vmbuild-initramfs (busybox; the seal)", "drivers": list(INITRAMFS_MODULES),
             "why": "loads only the present disk controller's driver, then mounts the root "
                    "read-write: no udev, kmod or libraries"}
 
