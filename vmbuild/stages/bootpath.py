@@ -79,7 +79,8 @@ ALWAYS = (
             "keeps it when the image lists some)", UNLESS_MODULES_LISTED),
     # Generators run before systemd loads a single unit, each one an executable to start
     # under TCG; systemd skips those masked in /etc/systemd/system-generators. The fstab
-    # generator stays (it mounts the root read-write from /etc/fstab).
+    # generator stays (the root's mount unit and any mount the image adds to /etc/fstab; the
+    # kernel command line already mounts the root read-write).
     LeftOut("systemd-getty-generator", "no logins (getty.target is left out too)"),
     LeftOut("systemd-gpt-auto-generator", "the disk is MBR/ESP laid out by vmbuild, "
             "listed in /etc/fstab"),
