@@ -81,7 +81,7 @@ def test_udev_stays_only_for_a_network_or_vmware_tools(
     assert units & UDEV_UNITS == (set() if udev else UDEV_UNITS)
 
 
-def test_the_job_unit_waits_for_nothing_it_does_not_use() -> None:
+def test_the_job_unit_waits_for_nothing_it_does_not_use(tmp_path: Path) -> None:
     """Not after sysinit.target (udev, journald, tmpfiles start beside it); the root is
     mounted read-write by the kernel command line instead of waiting for systemd's remount."""
     from vmbuild.stages.disk import DiskLayout, grub_cfg
@@ -91,10 +91,21 @@ def test_the_job_unit_waits_for_nothing_it_does_not_use() -> None:
     assert after == ["After=systemd-journald.socket systemd-modules-load.service "
                      "systemd-sysctl.service"]
     assert "DefaultDependencies=no" in unit
+    # What it waits for runs at its weight (on one vCPU beside journald, remount, tmpfiles).
+    waited = [u for u in after[0].removeprefix("After=").split() if u.endswith(".service")]
+    assert tuple(waited) == bootpath.JOB_WAITS_FOR
+    assert f"CPUWeight={bootpath.JOB_CPU_WEIGHT}\n" in unit
+    assert f"CPUWeight={bootpath.JOB_CPU_WEIGHT}\n".encode() in bootpath.job_first_dropin()
     assert not [line for line in unit.splitlines()
                 if line.startswith(("Requires=", "Wants=")) and "sysinit" in line]
     layout = DiskLayout(1 << 30, "bios", 1 << 20, (1 << 30) - (1 << 20), "0" * 8)
     assert " rw " in grub_cfg(layout, "quiet") and " ro " not in grub_cfg(layout, "quiet")
+    overlay = tmp_path / "system.tar"
+    write_system_overlay(load_recipe(recipe(tmp_path)), overlay)
+    with tarfile.open(overlay) as tar:
+        for service in bootpath.JOB_WAITS_FOR:
+            member = tar.extractfile(f"etc/systemd/system/{service}.d/vmbuild-job-first.conf")
+            assert member is not None and member.read() == bootpath.job_first_dropin()
 
 
 def test_bios_boots_the_kernel_with_the_16_bit_protocol() -> None:

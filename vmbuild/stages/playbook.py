@@ -159,6 +159,9 @@ def write_system_overlay(recipe: Recipe, path: Path) -> None:
                   _job_dropin(recipe).encode())
         _add_link(tar, "/etc/systemd/system/multi-user.target.wants/vmbuild-job.service",
                   "/etc/systemd/system/vmbuild-job.service")
+        for unit in bootpath.JOB_WAITS_FOR:
+            _add_file(tar, f"/etc/systemd/system/{unit}.d/vmbuild-job-first.conf",
+                      bootpath.job_first_dropin())
         _add_file(tar, bootpath.LEFT_OUT_FILE, bootpath.left_out_file(recipe))
         _add_file(tar, kernel_modules.KEPT_FILE, kernel_modules.kept_file(recipe))
         _add_file(tar, kernel_modules.INITRAMFS_FILE, kernel_modules.initramfs_file())
