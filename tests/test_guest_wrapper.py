@@ -6,12 +6,14 @@ these tests see exactly the bytes the runner would read from COM2 and COM3.
 
 from __future__ import annotations
 
+import importlib.machinery
 import json
 import os
 import struct
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,7 @@ import pytest
 
 from vmbuild.recipe import load_recipe
 from vmbuild.runner.contract import JobOutputFilter, parse_control
-from vmbuild.stages.playbook import job_config
+from vmbuild.stages.playbook import GUEST_LIB, WRAPPER_MODULE, job_config, wrapper_entry
 
 WRAPPER = Path(__file__).resolve().parents[1] / "vmbuild" / "guest" / "vmbuild-job"
 
@@ -124,6 +126,38 @@ class TestWrapper:
         assert events[-1] == {**events[-1], "event": "exited", "status": 143,
                               "stopped_by": "SIGTERM"}
 
+    def test_the_job_gets_default_signal_dispositions(self, tmp_path: Path) -> None:
+        """Python ignores SIGPIPE for itself; the job (started with fork and exec, not
+        subprocess) must not inherit that: `yes | head` ends `yes` by SIGPIPE, as in a shell."""
+        status, output, _ = run_wrapper(tmp_path, config(
+            command=["/bin/sh", "-c", '(yes; echo "yes:$?" >&2) | head -n1']))
+        assert status == 0
+        assert output.splitlines() == ["y", "yes:141"]
+
+    def test_the_units_entry_runs_the_precompiled_module(self, tmp_path: Path) -> None:
+        """The guest runs the wrapper as a module the seal byte-compiles; the entry the unit
+        starts imports it and passes on its exit status."""
+        lib = tmp_path / "lib"
+        lib.mkdir()
+        (lib / f"{WRAPPER_MODULE}.py").write_bytes(WRAPPER.read_bytes())
+        subprocess.run([sys.executable, "-m", "py_compile", str(lib / f"{WRAPPER_MODULE}.py")],
+                       check=True)
+        entry = lib / "vmbuild-job"
+        entry.write_text(wrapper_entry().replace(repr(GUEST_LIB), repr(str(lib))))
+        cfg = tmp_path / "job.json"
+        cfg.write_text(json.dumps(config(command=["/bin/sh", "-c", "exit 5"])))
+        control_port = tmp_path / "control.log"
+        control_port.write_bytes(b"")
+        env = dict(os.environ, VMBUILD_JOB_PORT=str(tmp_path / "job.log"),
+                   VMBUILD_CONTROL_PORT=str(control_port), VMBUILD_NO_DISKS="1")
+        proc = subprocess.run([sys.executable, "-IS", "-X", "importtime", str(entry), str(cfg)],
+                              env=env, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 5
+        assert parse_control(control_port.read_text()).events[-1]["status"] == 5
+        # Imported from its bytecode (a compiled module is not compiled again).
+        assert (lib / "__pycache__").is_dir()
+        assert f"| {WRAPPER_MODULE}\n" in proc.stderr
+
     def test_unknown_user_is_reported(self, tmp_path: Path) -> None:
         status, _, events = run_wrapper(tmp_path, config(user="no-such-user-here"))
         assert status == 127
@@ -207,3 +241,55 @@ def test_a_power_button_press_is_turned_into_a_power_off(tmp_path: Path) -> None
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0
     assert out.splitlines() == [str([str(dev / "input" / "event2")]), "pressed", "returned"]
+
+
+def _load_wrapper() -> Any:
+    loader = importlib.machinery.SourceFileLoader("vmbuild_job_under_test", str(WRAPPER))
+    module = types.ModuleType(loader.name)
+    loader.exec_module(module)
+    return module
+
+
+HOSTILE_VALUES: list[Any] = [
+    "plain", "", "it's \"q\" \\ / \b\f\n\r\t \x00\x1f\x7f", "ünïcödé ✓ 𝄞 \ud800",
+    0, -7, 2**70, 1.5, 1795736127.537, 1e-9, True, False, None,
+    [], {}, ["a", [1, {"b": None}]],
+    {"z": 1, "a": {"y": [True, 2.25]}, "m": "x"},
+]
+
+
+@pytest.mark.parametrize("value", HOSTILE_VALUES, ids=range(len(HOSTILE_VALUES)))
+def test_the_wrappers_json_is_the_json_modules(value: Any) -> None:
+    """The wrapper reads and writes JSON with json's C half, without importing json: what it
+    writes is what json.dumps(sort_keys=True) writes, and it reads that back."""
+    w = _load_wrapper()
+    written = w.json_dumps(value)
+    assert written == json.dumps(value, sort_keys=True)
+    assert w.json_loads(written) == json.loads(written)
+    assert w.json_loads(f" \n{json.dumps(value, indent=2)}\n") == json.loads(written)
+
+
+@pytest.mark.parametrize("text", ["", "{", '{"a": 1} x', "NaN", '{"a": Infinity}', "[1,]",
+                                  "'single'", '"unterminated'])
+def test_the_wrappers_json_refuses_what_is_not_json(text: str) -> None:
+    with pytest.raises(ValueError):
+        _load_wrapper().json_loads(text)
+
+
+def test_the_wrapper_imports_only_c_modules_before_the_job() -> None:
+    """Everything before the job's start is on each job's clock: the wrapper's own imports
+    are modules written in C (json, subprocess, signal and threading import re, enum,
+    selectors and locale: half a second under TCG)."""
+    script = (
+        "import importlib.machinery, sys, types\n"
+        "before = set(sys.modules)\n"
+        f"loader = importlib.machinery.SourceFileLoader('w', {str(WRAPPER)!r})\n"
+        "before |= set(sys.modules)\n"
+        "loader.exec_module(types.ModuleType('w'))\n"
+        "print(' '.join(sorted(set(sys.modules) - before)))\n")
+    added = subprocess.run([sys.executable, "-IS", "-c", script], capture_output=True,
+                           text=True, check=True).stdout.split()
+    os_module = {"os", "os.path", "posixpath", "genericpath", "stat", "_stat",
+                 "_collections_abc"}  # what a start without -S has loaded already
+    assert set(added) <= os_module | {"__future__", "_json", "_signal", "_thread", "pwd",
+                                      "select", "struct", "_struct", "termios", "time"}, added
