@@ -45,13 +45,20 @@ def test_every_left_out_unit_says_why_and_the_overlay_carries_the_list(tmp_path:
     assert not kept & {e["unit"] for e in entries}
     assert {e["how"] for e in entries} <= {bootpath.MASKED, bootpath.ON_DEMAND,
                                            bootpath.UNLESS_MODULES_LISTED}
+    items = bootpath.left_out(r)
+    assert all(path.startswith("/") for item in items for path in item.removes)
+    assert [e.get("removes", []) for e in entries] == [list(item.removes) for item in items]
     overlay = tmp_path / "system.tar"
     write_system_overlay(r, overlay)
     with tarfile.open(overlay) as tar:
         member = tar.extractfile(bootpath.LEFT_OUT_FILE.lstrip("/"))
         assert member is not None
         listed = [line.split(" ") for line in member.read().decode().splitlines()]
-    assert listed == [[e["how"], e["unit"]] for e in entries]
+    assert listed == [line for item in items for line in
+                      [[item.how, item.unit], *([bootpath.REMOVED, p] for p in item.removes)]]
+    # udev's hardware database leaves with its update service.
+    hwdb = next(item for item in items if item.unit == "systemd-hwdb-update.service")
+    assert "/usr/lib/udev/hwdb.bin" in hwdb.removes
     # Every kind of line is one the seal knows.
     seal = (Path(bootpath.__file__).parents[1] / "guest" / "vmbuild-seal").read_text()
     assert all(f"    {how}:" in seal for how, _ in listed)

@@ -25,6 +25,8 @@ LEFT_OUT_FILE = "/etc/vmbuild/boot-left-out"
 MASKED = "masked"
 ON_DEMAND = "on-demand"
 UNLESS_MODULES_LISTED = "masked-unless-modules-listed"
+# What the seal deletes with a unit left out: the data only that unit would use.
+REMOVED = "removed"
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,7 @@ class LeftOut:
     unit: str
     why: str
     how: str = MASKED
+    removes: tuple[str, ...] = ()  # absolute paths
 
 
 ALWAYS = (
@@ -68,7 +71,8 @@ ALWAYS = (
     LeftOut("systemd-user-sessions.service", "no logins"),
     LeftOut("systemd-hwdb-update.service", "udev's hardware database (22 MiB of names for real "
             "USB and PCI devices, keyboard maps) is deleted at seal: a job VM's virtual devices "
-            "need none of it, and every job start would ship it"),
+            "need none of it, and every job start would ship it",
+            removes=("/usr/lib/udev/hwdb.bin", "/etc/udev/hwdb.bin", "/usr/lib/udev/hwdb.d")),
     LeftOut("systemd-logind.service", "no logins; the job's wrapper itself turns the ACPI "
             "power button (a validation boot's `until: started`, a soft power-off from outside) "
             "into a clean power-off. Under TCG logind and the D-Bus it starts were seconds of "
@@ -145,9 +149,14 @@ def left_out(recipe: Recipe) -> tuple[LeftOut, ...]:
 
 
 def left_out_file(recipe: Recipe) -> bytes:
-    """One `HOW UNIT` line each, for the seal (vmbuild/guest/vmbuild-seal)."""
-    return "".join(f"{item.how} {item.unit}\n" for item in left_out(recipe)).encode()
+    """One `HOW UNIT` line each, then a `removed PATH` line for each path it takes along,
+    for the seal (vmbuild/guest/vmbuild-seal)."""
+    return "".join(f"{item.how} {item.unit}\n" + "".join(f"{REMOVED} {path}\n"
+                                                           for path in item.removes)
+                   for item in left_out(recipe)).encode()
 
 
-def manifest_entry(recipe: Recipe) -> list[dict[str, str]]:
-    return [{"unit": item.unit, "how": item.how, "why": item.why} for item in left_out(recipe)]
+def manifest_entry(recipe: Recipe) -> list[dict[str, object]]:
+    return [{"unit": item.unit, "how": item.how, "why": item.why,
+             **({"removes": list(item.removes)} if item.removes else {})}
+            for item in left_out(recipe)]
