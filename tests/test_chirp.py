@@ -154,23 +154,27 @@ def test_reporter_without_chirp_or_process_is_quiet() -> None:
     assert process_usage(2**22 + 12345) is None
 
 
-def test_interval_from_the_runner_option(monkeypatch: pytest.MonkeyPatch) -> None:
-    """`vmbuild run --chirp-interval` reaches the reporter through $VMBUILD_CHIRP_INTERVAL;
-    a bad or missing value leaves the 60 s default, a tiny one is raised to the minimum."""
+def test_interval_from_the_runner_option(tmp_path: Path) -> None:
+    """`vmbuild run --chirp-interval` is a run option the reporter gets; without it the
+    interval is 60 s, a tiny one is raised to the minimum, a bad one is a usage error."""
     from vmbuild.runner import main as runner_main
-    from vmbuild.runner.chirp import DEFAULT_INTERVAL, INTERVAL_ENV, MIN_INTERVAL, default_interval
+    from vmbuild.runner.chirp import DEFAULT_INTERVAL, MIN_INTERVAL, report_interval
     from vmbuild.runner.core import RunnerError
 
-    assert default_interval({}) == DEFAULT_INTERVAL == 60.0
-    assert default_interval({INTERVAL_ENV: "5"}) == 5.0
-    assert default_interval({INTERVAL_ENV: "0.01"}) == MIN_INTERVAL
-    assert default_interval({INTERVAL_ENV: "nan"}) == DEFAULT_INTERVAL
-    assert default_interval({INTERVAL_ENV: "soon"}) == DEFAULT_INTERVAL
-    monkeypatch.setenv(INTERVAL_ENV, "60")  # restored (removed) after the test
-    runner_main._set_chirp_interval("2m")
-    assert os.environ[INTERVAL_ENV] == "120.0"
-    assert UsageReporter(1, 512, client=None).interval == 120.0
-    with pytest.raises(RunnerError):
-        runner_main._set_chirp_interval("soon")
-    ns = runner_main.build_parser().parse_args(["run", "x.vmx", "--chirp-interval", "10s"])
-    assert ns.chirp_interval == "10s"
+    assert report_interval(None) == DEFAULT_INTERVAL == 60.0
+    assert report_interval(5) == 5.0
+    assert report_interval(0.01) == MIN_INTERVAL
+    assert report_interval(float("nan")) == DEFAULT_INTERVAL
+    assert UsageReporter(1, 512, client=None).interval == DEFAULT_INTERVAL
+    assert UsageReporter(1, 512, client=None, interval=120.0).interval == 120.0
+    vmx = tmp_path / "x.vmx"
+    vmx.write_text("")
+    parser = runner_main.build_parser()
+    options = runner_main.options_from(parser.parse_args(["run", str(vmx),
+                                                          "--chirp-interval", "2m"]))
+    assert options.chirp_interval == 120.0
+    assert runner_main.options_from(parser.parse_args(["run", str(vmx)])).chirp_interval is None
+    for bad in ("soon", "0s"):
+        with pytest.raises(RunnerError) as err:
+            runner_main.options_from(parser.parse_args(["run", str(vmx), "--chirp-interval", bad]))
+        assert err.value.exit_code == 2 and "--chirp-interval" in str(err.value)

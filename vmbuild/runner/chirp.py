@@ -21,10 +21,9 @@ attributes; ``htchirp`` (1,600 lines for the whole Chirp file API) opens an extr
 its constructor to test authentication and prints to stdout (the job's output stream) when its
 config file cannot be read, and would add a second package to the bundle for two commands.
 
-The interval between reports is ``vmbuild run --chirp-interval`` (default 60 s), passed to
-the reporter through ``$VMBUILD_CHIRP_INTERVAL`` so that a job ad shows the guest's load
-within seconds on a short job, and a long job does not talk to the starter more often than
-it needs to.
+The interval between reports is ``vmbuild run --chirp-interval`` (default 60 s,
+``RunOptions.chirp_interval``), so that a job ad shows the guest's load within seconds on a
+short job, and a long job does not talk to the starter more often than it needs to.
 """
 
 from __future__ import annotations
@@ -41,18 +40,14 @@ from pathlib import Path
 
 _ESCAPE = re.compile(r"([\\ \n\t\r])")
 DEFAULT_INTERVAL = 60.0
-INTERVAL_ENV = "VMBUILD_CHIRP_INTERVAL"  # set by ``vmbuild run --chirp-interval``
 MIN_INTERVAL = 1.0  # each report is a shadow update: no faster than that
 
 
-def default_interval(environ: dict[str, str] | None = None) -> float:
-    """Seconds between reports: ``$VMBUILD_CHIRP_INTERVAL`` when set and valid, else 60."""
-    env = os.environ if environ is None else environ
-    try:
-        value = float(env.get(INTERVAL_ENV, ""))
-    except ValueError:
+def report_interval(requested: float | None) -> float:
+    """Seconds between reports: the requested interval (no shorter than the minimum), or 60."""
+    if requested is None or not math.isfinite(requested):
         return DEFAULT_INTERVAL
-    return max(MIN_INTERVAL, value) if math.isfinite(value) else DEFAULT_INTERVAL
+    return max(MIN_INTERVAL, requested)
 _LINE_MAX = 5 * 1024
 
 
@@ -169,7 +164,7 @@ class UsageReporter:
         self._pid = pid
         self.memory_mib = memory_mib
         self.client = client if client is not None else ChirpClient.from_env()
-        self.interval = default_interval() if interval is None else interval
+        self.interval = report_interval(interval)
         self.failures = 0
         self.reports = 0
         self._stop = threading.Event()

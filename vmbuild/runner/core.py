@@ -186,6 +186,8 @@ class RunOptions:
     # VMware refused to resume a checkpoint (e.g. another host's CPU features): start the
     # job afresh from the image ("restart") or exit 90 keeping the checkpoint ("fail").
     on_resume_failure: str = "restart"
+    # Under HTCondor with +WantIOProxy: seconds between the usage reports (None: the default).
+    chirp_interval: float | None = None
 
     @property
     def wants_input_disk(self) -> bool:
@@ -569,11 +571,11 @@ class Backend:
         return final
 
 
-def _usage_reporter(backend: Backend) -> Any:
+def _usage_reporter(backend: Backend, interval: float | None) -> Any:
     """Under HTCondor with +WantIOProxy, report the guest's CPU and memory into the job ad."""
     from .chirp import UsageReporter
 
-    reporter = UsageReporter(backend.vm_pid, backend.vm_memory_mib())
+    reporter = UsageReporter(backend.vm_pid, backend.vm_memory_mib(), interval=interval)
     if not reporter.enabled:
         return None
     log("reporting the VM's CPU and memory use to HTCondor (chirp)")
@@ -637,7 +639,7 @@ async def _drive(backend: Backend, options: RunOptions, install_signals: bool,
             log(f"the VM failed to start: {exc!r}")
             backend.outcome = RunOutcome(EXIT_VM_START_FAILED, "start", stop_detail=repr(exc))
             return EXIT_VM_START_FAILED
-        reporter = _usage_reporter(backend)
+        reporter = _usage_reporter(backend, options.chirp_interval)
         # A signal that arrived while the VM was starting is handled now, below.
         deadline = None if options.timeout is None else \
             loop.time() + max(0.0, options.timeout - backend.elapsed_before)

@@ -140,6 +140,7 @@ def options_from(ns: argparse.Namespace) -> RunOptions:
         output_size = int(ns.output_size)
     except ValueError as exc:
         raise RunnerError(str(exc), EXIT_USAGE) from exc
+    chirp_interval = _chirp_interval(ns.chirp_interval)
     workdir = ns.workdir or Path.cwd() / f"{vmx.stem}.vmbuild-run"
     return RunOptions(
         vmx=vmx.resolve(), workdir=Path(os.path.abspath(workdir)),
@@ -150,30 +151,26 @@ def options_from(ns: argparse.Namespace) -> RunOptions:
         start_timeout=start_timeout, accel=ns.accel,
         vmware_type=ns.vmware_type, quiet=ns.quiet, keep_base=ns.keep_base, console=ns.console,
         exit_after_checkpoint=ns.exit_after_checkpoint,
-        on_resume_failure=ns.on_resume_failure)
+        on_resume_failure=ns.on_resume_failure, chirp_interval=chirp_interval)
 
 
-def _set_chirp_interval(value: str | None) -> None:
-    """Hand ``--chirp-interval`` to the usage reporter (vmbuild.runner.chirp reads
-    ``$VMBUILD_CHIRP_INTERVAL``; the core starts the reporter and needs no option of its own)."""
+def _chirp_interval(value: str | None) -> float | None:
+    """``--chirp-interval`` in seconds (None: the reporter's default)."""
     if value is None:
-        return
-    from .chirp import INTERVAL_ENV
-
+        return None
     try:
         seconds = parse_duration(value)
     except ValueError as exc:
         raise RunnerError(f"--chirp-interval {value!r}: {exc}", EXIT_USAGE) from exc
     if seconds <= 0:
         raise RunnerError(f"--chirp-interval {value!r}: must be positive", EXIT_USAGE)
-    os.environ[INTERVAL_ENV] = str(seconds)
+    return seconds
 
 
 def run_command(ns: argparse.Namespace) -> int:
     from .core import run_backend
 
     options = options_from(ns)
-    _set_chirp_interval(ns.chirp_interval)
     backend = ns.backend or default_backend()
     if backend == "qemu":
         from .qemu import QemuBackend
