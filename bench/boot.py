@@ -12,7 +12,8 @@ each run it records
 - where the time went until the job started: firmware and boot loader (the host's clock
   minus the guest's uptime at the wrapper's `started` event), then the kernel, the initramfs
   and systemd with the wrapper, read from the wrapper's events with the same code that
-  records them in a validation boot's manifest (`vmbuild.stages.validate.boot_phases`).
+  records them in a validation boot's manifest (`vmbuild.stages.validate.boot_phases`), and
+  the job's own start (the wrapper's `started` event until the job's first output byte).
 
 With `--baseline OTHER.vmx` the same figures are measured for a second image in the same
 invocation (runs interleaved, so a noisy machine hurts both alike) and each median is printed
@@ -129,6 +130,8 @@ def boot_once(vmx: Path, timeout: float) -> Boot:
             raise SystemExit(f"{vmx}: the job did not run to its exit event\n{err}\n"
                              + ports[0].read_text(errors="replace")[-2000:])
         phases = where_the_time_went(ports[2].read_bytes(), (started_at or end) - t0)
+        if phases and started_at is not None:
+            phases["job_own_start"] = max(0.0, first_output - started_at)
         return Boot(first_output - t0, end - exited_at, phases)
 
 
