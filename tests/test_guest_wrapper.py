@@ -24,6 +24,9 @@ from vmbuild.runner.contract import JobOutputFilter, parse_control
 from vmbuild.stages.playbook import GUEST_LIB, WRAPPER_MODULE, job_config, wrapper_entry
 
 WRAPPER = Path(__file__).resolve().parents[1] / "vmbuild" / "guest" / "vmbuild-job"
+# The wrapper takes INVOCATION_ID for "started by systemd in the guest" (then it writes to the
+# console and watches the power button): a test run from a systemd unit must not pass it on.
+HOST_ENV = {key: value for key, value in os.environ.items() if key != "INVOCATION_ID"}
 
 
 def run_wrapper(tmp_path: Path, config: dict[str, Any], input_dir: Path | None = None
@@ -33,7 +36,7 @@ def run_wrapper(tmp_path: Path, config: dict[str, Any], input_dir: Path | None =
     control_port.write_bytes(b"")
     cfg = tmp_path / "job.json"
     cfg.write_text(json.dumps(config))
-    env = dict(os.environ, VMBUILD_JOB_PORT=str(job_port),
+    env = dict(HOST_ENV, VMBUILD_JOB_PORT=str(job_port),
                VMBUILD_CONTROL_PORT=str(control_port), VMBUILD_NO_DISKS="1")
     if input_dir is not None:
         env["VMBUILD_INPUT_DIR"] = str(input_dir)
@@ -113,7 +116,7 @@ class TestWrapper:
         control_port.write_bytes(b"")
         cfg = tmp_path / "job.json"
         cfg.write_text(json.dumps(config(command=["/bin/sh", "-c", "echo up; sleep 60"])))
-        env = dict(os.environ, VMBUILD_JOB_PORT=str(job_port),
+        env = dict(HOST_ENV, VMBUILD_JOB_PORT=str(job_port),
                    VMBUILD_CONTROL_PORT=str(control_port), VMBUILD_NO_DISKS="1")
         proc = subprocess.Popen([sys.executable, str(WRAPPER), str(cfg)], env=env,
                                 stderr=subprocess.DEVNULL)
@@ -148,7 +151,7 @@ class TestWrapper:
         cfg.write_text(json.dumps(config(command=["/bin/sh", "-c", "exit 5"])))
         control_port = tmp_path / "control.log"
         control_port.write_bytes(b"")
-        env = dict(os.environ, VMBUILD_JOB_PORT=str(tmp_path / "job.log"),
+        env = dict(HOST_ENV, VMBUILD_JOB_PORT=str(tmp_path / "job.log"),
                    VMBUILD_CONTROL_PORT=str(control_port), VMBUILD_NO_DISKS="1")
         proc = subprocess.run([sys.executable, "-IS", "-X", "importtime", str(entry), str(cfg)],
                               env=env, capture_output=True, text=True, timeout=60)
@@ -198,7 +201,7 @@ def test_finds_the_job_disks_by_their_superblocks_without_udev(tmp_path: Path) -
         "t = time.monotonic()\n"
         "print(json.dumps([w.find_label('VMBINPUT', 5), w.find_label('VMBOUTPUT', 5),\n"
         "                  w.labelled_disks(), time.monotonic() - t]))\n")
-    env = dict(os.environ, VMBUILD_SYS_BLOCK=str(sys_block), VMBUILD_DEV_DIR=str(dev))
+    env = dict(HOST_ENV, VMBUILD_SYS_BLOCK=str(sys_block), VMBUILD_DEV_DIR=str(dev))
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
                          text=True, check=True).stdout
     inp, outp, found, _ = json.loads(out)
@@ -229,7 +232,7 @@ def test_a_power_button_press_is_turned_into_a_power_off(tmp_path: Path) -> None
         "print(w.power_buttons(), flush=True)\n"
         "w.wait_for_power_button(lambda: print('pressed', flush=True))\n"
         "print('returned', flush=True)\n")
-    env = dict(os.environ, VMBUILD_SYS_INPUT=str(sys_input), VMBUILD_DEV_DIR=str(dev))
+    env = dict(HOST_ENV, VMBUILD_SYS_INPUT=str(sys_input), VMBUILD_DEV_DIR=str(dev))
     proc = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE,
                             text=True)
     input_event = struct.Struct("llHHi")
