@@ -149,3 +149,25 @@ def test_kept_modules_follow_the_hardware_and_the_recipe(tmp_path: Path) -> None
     with tarfile.open(overlay) as tar:
         member = tar.extractfile(kernel_modules.KEPT_FILE.lstrip("/"))
         assert member is not None and member.read().decode().split() == plain
+
+
+@pytest.mark.parametrize("init", ["systemd", "job"])
+def test_only_a_guest_init_job_image_carries_vmbuild_init(tmp_path: Path, init: str) -> None:
+    """The initramfs starts vmbuild-init when the image has it, so its presence is the
+    choice: the default image has none and boots systemd."""
+    from vmbuild.stages.playbook import JOB_INIT
+
+    overlay = tmp_path / "system.tar"
+    write_system_overlay(load_recipe(recipe(tmp_path, f"guest:\n  init: {init}\n")), overlay)
+    with tarfile.open(overlay) as tar:
+        names = tar.getnames()
+        assert ("vmbuild-job.service" in " ".join(names))  # the unit stays either way
+        if init == "systemd":
+            assert JOB_INIT.lstrip("/") not in names
+        else:
+            member = tar.getmember(JOB_INIT.lstrip("/"))
+            assert member.mode == 0o755
+            script = tar.extractfile(member)
+            assert script is not None and script.read().startswith(b"#!/bin/busybox sh\n")
+    initramfs = (Path(__file__).parents[1] / "vmbuild" / "guest" / "vmbuild-initramfs").read_text()
+    assert f"[ -x /root{JOB_INIT} ] && init={JOB_INIT}" in initramfs

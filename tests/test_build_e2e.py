@@ -79,7 +79,9 @@ def test_shipped_image_holds_no_build_secrets(hello_vmx: Path, tmp_path: Path) -
     offset = 1024 * 1024  # the BIOS layout's root partition
     assert "authorized_keys" not in _debugfs(raw, offset, "ls -l /root/.ssh")
     assert "ssh_host_" not in _debugfs(raw, offset, "ls /etc/ssh")
-    assert "vmbuild-build-access" not in _debugfs(raw, offset, "ls /usr/local/lib/vmbuild")
+    lib = _debugfs(raw, offset, "ls /usr/local/lib/vmbuild")
+    assert "vmbuild-build-access" not in lib
+    assert "init" in lib.split()  # hello is built with guest.init: job (vmbuild-init)
     shadow = _debugfs(raw, offset, "cat /etc/shadow")
     root = next(line for line in shadow.splitlines() if line.startswith("root:"))
     assert root.split(":")[1] in ("*", "!", "!*"), "root must have no password hash"

@@ -216,6 +216,36 @@ def test_finds_the_job_disks_by_their_superblocks_without_udev(tmp_path: Path) -
     assert took < 5  # the output disk is here, so the missing input disk is not waited for
 
 
+def test_a_missing_job_disk_is_waited_for_only_where_disks_may_still_come(
+        tmp_path: Path) -> None:
+    """With the root on a SCSI disk every disk is announced before /init, so a missing job disk
+    is not waited for; elsewhere (NVMe, here the host's own root) the grace is."""
+    sys_block, dev = tmp_path / "sys", tmp_path / "dev"
+    sys_block.mkdir()
+    dev.mkdir()
+    root = tmp_path / "root"
+    root.mkdir()
+    major = os.major(root.stat().st_dev)
+    script = (
+        "import importlib.machinery, json, sys, time\n"
+        f"w = importlib.machinery.SourceFileLoader('w', {str(WRAPPER)!r}).load_module()\n"
+        "w.SCSI_DISK_MAJORS = frozenset(int(m) for m in sys.argv[1:])\n"
+        "t = time.monotonic()\n"
+        "print(json.dumps([w.find_label('VMBINPUT', 2), time.monotonic() - t]))\n")
+    env = dict(HOST_ENV, VMBUILD_SYS_BLOCK=str(sys_block), VMBUILD_DEV_DIR=str(dev),
+               VMBUILD_ROOT_DIR=str(root))
+
+    def took(*majors: int) -> float:
+        out = subprocess.run([sys.executable, "-c", script, *map(str, majors)], env=env,
+                             capture_output=True, text=True, check=True).stdout
+        found, seconds = json.loads(out)
+        assert found is None
+        return float(seconds)
+
+    assert took(major) < 1  # the root's disk is a SCSI disk: nothing more will come
+    assert took(major + 1) >= 2  # it is not: the grace is waited out
+
+
 def test_a_power_button_press_is_turned_into_a_power_off(tmp_path: Path) -> None:
     """No logind in the image: the wrapper reads the ACPI power button's input events itself
     (found by the device's name, its node from devtmpfs) and acts on a press, not on a release

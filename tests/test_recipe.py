@@ -908,6 +908,28 @@ def test_nvme_needs_efi(write: Write) -> None:
     assert r.output.disk_controller == "nvme"
 
 
+def test_init_job_refuses_what_needs_services(write: Write) -> None:
+    """guest.init: job starts no service, so a recipe asking for one is told at the init's
+    line, with every setting that needs systemd named."""
+    r = load_recipe(write(MINIMAL + "guest:\n  init: job\n"))
+    assert r.guest.init == "job"
+    assert load_recipe(write(MINIMAL)).guest.init == "systemd"
+    assert error_of(write(MINIMAL + "guest:\n  init: job\n  ssh: true\n")) == (
+        "recipe.yaml:6: guest.init: job starts no services, but guest.ssh needs systemd's; "
+        "use guest.init: systemd, or turn it off")
+    text = MINIMAL + "guest:\n  init: job\n  vmware_tools: true\n"
+    assert error_of(write(text.replace("command:", "network: true\n  command:"))) == (
+        "recipe.yaml:7: guest.init: job starts no services, but job.network and "
+        "guest.vmware_tools need systemd's; use guest.init: systemd, or turn them off")
+    assert error_of(write(MINIMAL + "guest:\n  init: runit\n")).startswith(
+        "recipe.yaml:6: guest.init:")
+    # the init from a base recipe, the network from the child: the base's line is named
+    write("version: 1\nguest:\n  init: job\n", name="base.yaml")
+    assert error_of(write(MINIMAL.replace("command:", "network: true\n  command:")
+                          + "extends: base.yaml\n")).startswith(
+        "base.yaml:3: guest.init: job starts no services, but job.network needs")
+
+
 def test_validate_extends_merge(write: Write, tmp_path: Path) -> None:
     base = """\
 version: 1

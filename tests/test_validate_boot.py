@@ -51,6 +51,31 @@ def test_inputs_environment_and_expected_output(hello_vmx: Path, tmp_path: Path)
     assert "no line of the job's output matched '^sum='" in stderr
 
 
+# What a job finds under vmbuild-init (hello is built with guest.init: job): PID 1 is the
+# init, not systemd, and the file systems, host name and loopback a job relies on are there;
+# Python's multiprocessing needs /dev/shm for its locks.
+INIT_CHECKS = " && ".join([
+    'test "$(cat /proc/1/comm)" = init',
+    'test "$(cat /proc/sys/kernel/hostname)" = hello',
+    "grep -q ' /run tmpfs ' /proc/mounts",
+    "grep -q ' /dev/shm tmpfs ' /proc/mounts",
+    "grep -q ' /dev/pts devpts ' /proc/mounts",
+    'test "$(readlink /dev/fd)" = /proc/self/fd',
+    "test $(( $(cat /sys/class/net/lo/flags) & 1 )) = 1",
+    "python3 -c 'import multiprocessing; multiprocessing.Lock()'",
+    "echo init-ok",
+])
+
+
+def test_a_job_under_vmbuild_init_finds_what_it_relies_on(hello_vmx: Path) -> None:
+    manifest = json.loads((hello_vmx.parent / "manifest.json").read_text())
+    assert manifest["guest"]["init"] == "job"
+    code, final, stderr = validate(hello_vmx, "--command", INIT_CHECKS,
+                                   "--expect-output", "^init-ok$")
+    assert code == 0, stderr
+    assert final["result"]["validation"]["status"] == 0  # type: ignore[index]
+
+
 def test_the_image_itself_is_unchanged_by_a_validation_boot(hello_vmx: Path) -> None:
     before = hello_vmx.with_suffix(".vmdk").stat()
     code, _, stderr = validate(hello_vmx, "--command", "echo changed > /opt/hello/main.py")

@@ -74,7 +74,7 @@ def test_boot_phases_come_from_the_wrappers_events_and_refuse_nonsense() -> None
     so anything but a plausible number yields no figure rather than a wrong one."""
     good = [{"event": "started", "uptime": 7.5},
             {"event": "boot", "kernel": 1.25, "initrd": 1.5, "userspace_start": 2.75}]
-    assert boot_phases(good) == {"kernel": 1.25, "initrd": 1.5, "systemd_and_wrapper": 4.75,
+    assert boot_phases(good) == {"kernel": 1.25, "initrd": 1.5, "init_and_wrapper": 4.75,
                                  "to_job": 7.5}
     for bad in ({"uptime": "7"}, {"uptime": True}, {"uptime": float("nan")}, {"uptime": -1},
                 {"uptime": 1e12}, {"uptime": 2.0}):  # 2.0: before userspace began

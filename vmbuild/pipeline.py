@@ -277,6 +277,7 @@ def _artifact(recipe: Recipe, base: BaseImage, packer: str, disk: Path, work: Pa
             "accelerator": best_accelerator(),
             "guest": {"release": recipe.guest.release, "firmware": recipe.guest.firmware,
                       "memory_mib": recipe.guest.memory // MIB, "cpus": recipe.guest.cpus,
+                      "init": recipe.guest.init,
                       "left_out": bootpath.manifest_entry(recipe),
                       "modules_kept": kernel_modules.manifest_entry(recipe),
                       "initramfs": kernel_modules.initramfs_manifest_entry()},

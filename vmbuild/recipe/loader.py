@@ -149,6 +149,18 @@ def _check_combinations(values: dict[str, Any], tree: _Node) -> None:
         _fail(controller.loc, "output.disk_controller",
               "nvme needs guest.firmware: efi (VMware's BIOS cannot boot from NVMe); set "
               "guest.firmware: efi, or use pvscsi, lsilogic or sata")
+    init = _written(tree, "guest.init")
+    if init is not None and values["guest"]["init"] == "job":
+        services = [name for name, wanted in (
+            ("job.network", values["job"]["network"]), ("guest.ssh", values["guest"]["ssh"]),
+            ("guest.vmware_tools", values["guest"]["vmware_tools"])) if wanted]
+        if services:
+            named = ", ".join(services[:-1]) + " and " + services[-1] if len(services) > 1 \
+                else services[0]
+            _fail(init.loc, "guest.init",
+                  f"job starts no services, but {named} need{'s' if len(services) == 1 else ''}"
+                  f" systemd's; use guest.init: systemd, or turn "
+                  f"{'it' if len(services) == 1 else 'them'} off")
     validate = values["validate"]
     if validate["until"] == "started" and validate["running_for"] >= validate["timeout"]:
         running_for = format_duration(validate["running_for"])

@@ -39,6 +39,7 @@ class Guest:
     ssh: bool = False  # keep sshd enabled in the shipped image (no keys are left in it either way)
     vmware_tools: bool = False  # open-vm-tools in the image; its services start only under VMware
     modules: tuple[str, ...] = ()  # kernel modules kept beyond vmbuild's own list
+    init: str = "systemd"  # systemd | job (the job's wrapper is PID 1: no services)
 
 
 @dataclass(frozen=True)

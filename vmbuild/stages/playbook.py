@@ -122,6 +122,9 @@ def _add_link(tar: tarfile.TarFile, path: str, target: str) -> None:
 
 
 WRAPPER_MODULE = "vmbuild_job"
+# PID 1 of a `guest.init: job` image (vmbuild/guest/vmbuild-init); the initramfs starts it
+# instead of systemd when it is there.
+JOB_INIT = f"{GUEST_LIB}/init"
 
 
 def wrapper_entry() -> str:
@@ -168,6 +171,8 @@ def write_system_overlay(recipe: Recipe, path: Path) -> None:
         _add_file(tar, f"{GUEST_LIB}/{WRAPPER_MODULE}.py",
                   (GUEST_DIR / "vmbuild-job").read_bytes())
         _add_file(tar, f"{GUEST_LIB}/vmbuild-job", wrapper_entry().encode(), 0o755)
+        if recipe.guest.init == "job":
+            _add_file(tar, JOB_INIT, (GUEST_DIR / "vmbuild-init").read_bytes(), 0o755)
         _add_file(tar, JOB_CONFIG,
                   (json.dumps(job_config(recipe), indent=2, sort_keys=True) + "\n").encode())
         _add_file(tar, "/etc/systemd/system/vmbuild-job.service",

@@ -301,8 +301,9 @@ def result_data(result: BootResult, spec: BootSpec) -> dict[str, Any]:
 
 
 def boot_phases(events: Sequence[dict[str, object]]) -> dict[str, float]:
-    """Where the boot's time went until the job started (kernel, initramfs, systemd and the
-    wrapper), from the wrapper's `started` and `boot` events. Guest-written: only plain,
+    """Where the boot's time went until the job started (kernel, initramfs, then the init,
+    systemd or vmbuild-init, and the wrapper), from the wrapper's `started` and `boot`
+    events. Guest-written: only plain,
     plausible numbers are taken, and nothing is derived from a figure that is missing."""
     def number(value: object) -> float | None:
         if isinstance(value, (int, float)) and not isinstance(value, bool) \
@@ -319,7 +320,7 @@ def boot_phases(events: Sequence[dict[str, object]]) -> dict[str, float]:
             or userspace > uptime:
         return {}
     return {"kernel": round(kernel, 2), "initrd": round(initrd, 2),
-            "systemd_and_wrapper": round(uptime - userspace, 2), "to_job": round(uptime, 2)}
+            "init_and_wrapper": round(uptime - userspace, 2), "to_job": round(uptime, 2)}
 
 
 def parse_env(items: Sequence[str]) -> dict[str, str]:
