@@ -11,9 +11,10 @@ each run it records
 - job exit → powered off: the wrapper's `exited` event on COM3 until QEMU's process ends;
 - where the time went until the job started: firmware and boot loader (the host's clock
   minus the guest's uptime at the wrapper's `started` event), then the kernel, the initramfs
-  and systemd with the wrapper, read from the wrapper's events with the same code that
-  records them in a validation boot's manifest (`vmbuild.stages.validate.boot_phases`), and
-  the job's own start (the wrapper's `started` event until the job's first output byte).
+  and the init (systemd or vmbuild-init) with the wrapper, read from the wrapper's events
+  with the same code that records them in a validation boot's manifest
+  (`vmbuild.stages.validate.boot_phases`), and the job's own start (the wrapper's `started`
+  event until the job's first output byte).
 
 With `--baseline OTHER.vmx` the same figures are measured for a second image in the same
 invocation (runs interleaved, so a noisy machine hurts both alike) and each median is printed
