@@ -170,4 +170,5 @@ def test_only_a_guest_init_job_image_carries_vmbuild_init(tmp_path: Path, init: 
             script = tar.extractfile(member)
             assert script is not None and script.read().startswith(b"#!/bin/busybox sh\n")
     initramfs = (Path(__file__).parents[1] / "vmbuild" / "guest" / "vmbuild-initramfs").read_text()
-    assert f"[ -x /root{JOB_INIT} ] && init={JOB_INIT}" in initramfs
+    assert (f"[ -x /root{JOB_INIT} ] && [ -x /root/bin/busybox ] \\\n"
+            f"        && init={JOB_INIT}") in initramfs

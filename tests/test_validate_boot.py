@@ -57,7 +57,8 @@ def test_inputs_environment_and_expected_output(hello_vmx: Path, tmp_path: Path)
 INIT_CHECKS = " && ".join([
     'test "$(cat /proc/1/comm)" = init',
     'test "$(cat /proc/sys/kernel/hostname)" = hello',
-    "grep -q ' /run tmpfs ' /proc/mounts",
+    "grep -q ' /run tmpfs ' /proc/mounts && test -d /run/lock",
+    "test $(ulimit -H -n) = 524288",  # open files as systemd gives a service
     "grep -q ' /dev/shm tmpfs ' /proc/mounts",
     "grep -q ' /dev/pts devpts ' /proc/mounts",
     'test "$(readlink /dev/fd)" = /proc/self/fd',
