@@ -191,13 +191,35 @@ def write_system_overlay(recipe: Recipe, path: Path) -> None:
                   (GUEST_DIR / "vmbuild-initramfs").read_bytes(), 0o755)
 
 
-def _system_tasks(recipe: Recipe, overlay: Path) -> list[dict[str, Any]]:
+# The system files travel inside a shell script that extracts them (the tar follows the
+# script's text): Ansible's script module sends a file and runs it without Python in the guest,
+# where copying the tar and then extracting it took three Python modules, 4 s each under TCG.
+# The script names no recipe value; the tar's bytes start right after the header, at
+# _INSTALLER_OFFSET_WIDTH-digit offset the header states.
+_INSTALLER_HEADER = """#!/bin/sh
+# vmbuild: the system files of this image (host name, time zone, the job service), a tar
+# appended to this script (vmbuild/stages/playbook.py); extracted over /.
+set -eu
+tail -c +{offset} "$0" | tar -x --no-overwrite-dir --no-same-owner -f - -C /
+exit 0
+"""
+_INSTALLER_OFFSET_WIDTH = 8
+
+
+def write_system_installer(overlay: Path, path: Path) -> None:
+    """The system tar as a self-extracting script for Ansible's script module."""
+    probe = _INSTALLER_HEADER.format(offset="0" * _INSTALLER_OFFSET_WIDTH)
+    offset = str(len(probe.encode()) + 1).zfill(_INSTALLER_OFFSET_WIDTH)
+    header = _INSTALLER_HEADER.format(offset=offset).encode()
+    path.write_bytes(header + overlay.read_bytes())
+
+
+def _system_tasks(recipe: Recipe, installer: Path) -> list[dict[str, Any]]:
     tasks = [
-        _task("system: upload hostname, time zone and the job service", "ansible.builtin.copy",
-              {"src": str(overlay), "dest": "/run/vmbuild-system.tar", "mode": "0600"}),
-        _task("system: install them", "ansible.builtin.command",
-              {"argv": ["tar", "-x", "--no-overwrite-dir", "--no-same-owner", "-f",
-                        "/run/vmbuild-system.tar", "-C", "/"]}),
+        # Through /bin/sh: Ansible's remote temp directory is on /run, which is mounted noexec.
+        _task("system: install hostname, time zone and the job service",
+              "ansible.builtin.script",
+              {"cmd": shlex.quote(str(installer)), "executable": "/bin/sh"}),
     ]
     if recipe.job.user != "root":
         tasks.append(_task("job user", "ansible.builtin.user",
@@ -232,8 +254,9 @@ def _finish_tasks(recipe: Recipe) -> list[dict[str, Any]]:
     if recipe.guest.ssh:
         seal["cmd"] += " --keep-ssh"
     return [
-        _task(PACKAGES_TASK, "ansible.builtin.command",
-              {"argv": ["dpkg-query", "-W", "-f", "${Package}\t${Version}\n"]}),
+        # raw: a command with no recipe value, run without Python in the guest (4 s saved).
+        _task(PACKAGES_TASK, "ansible.builtin.raw",
+              "dpkg-query -W -f '${Package}\\t${Version}\\n'"),
         _task("seal: remove build keys and access, lock root, clean, trim",
               "ansible.builtin.script", seal),
     ]
@@ -242,14 +265,15 @@ def _finish_tasks(recipe: Recipe) -> list[dict[str, Any]]:
 def write_playbook(recipe: Recipe, staging: Path) -> Path:
     """Write site.yml (and the files it copies) into `staging`; return its path."""
     staging.mkdir(parents=True, exist_ok=True)
-    overlay = staging / "system.tar"
+    overlay, installer = staging / "system.tar", staging / "system.sh"
     write_system_overlay(recipe, overlay)
+    write_system_installer(overlay, installer)
     setup = {
         "name": "vmbuild: application",
         "hosts": "all",
         "gather_facts": False,
         # The tools come before files and run: steps, so those may use them.
-        "tasks": [*_system_tasks(recipe, overlay), *_vmware_tools_tasks(recipe),
+        "tasks": [*_system_tasks(recipe, installer), *_vmware_tools_tasks(recipe),
                   *_files_tasks(recipe, staging), *_run_tasks(recipe)],
     }
     finish = {
