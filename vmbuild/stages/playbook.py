@@ -194,8 +194,8 @@ def write_system_overlay(recipe: Recipe, path: Path) -> None:
 # The system files travel inside a shell script that extracts them (the tar follows the
 # script's text): Ansible's script module sends a file and runs it without Python in the guest,
 # where copying the tar and then extracting it took three Python modules, 4 s each under TCG.
-# The script names no recipe value; the tar's bytes start right after the header, at
-# _INSTALLER_OFFSET_WIDTH-digit offset the header states.
+# The script names no recipe value. The tar's bytes start right after the header, at the
+# offset the header states (zero-padded, so the header's length does not depend on it).
 _INSTALLER_HEADER = """#!/bin/sh
 # vmbuild: the system files of this image (host name, time zone, the job service), a tar
 # appended to this script (vmbuild/stages/playbook.py); extracted over /.
